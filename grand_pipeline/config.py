@@ -1,0 +1,300 @@
+"""Typed run configuration: dataclasses, YAML profiles, dotted ``--set`` overrides, a content hash.
+
+A profile (``grand_pipeline/profiles/{name}.yaml``) is a partial tree over ``GrandConfig``;
+``--config FILE`` and ``--set a.b=v`` are merged on top, in that order. Every key is checked
+against the dataclasses, and a bad key or value raises ``ConfigError`` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message names the dotted key."""
+
+
+@dataclass
+class ModelSpec:
+    backend: str
+    """Registered backend name for the role (see ``grand_pipeline.models.roles.BACKENDS``)."""
+    model: str = ""
+    """Weights source: ``package:<name>``, ``hf:org/name@rev``, a local path, ``s3://`` or ``tiny:<seed>``."""
+    revision: str = ""
+    dtype: str = "float32"
+    batch_size: int = 8
+    device: str = "cpu"
+    options: dict[str, Any] = field(default_factory=dict)
+    """Backend-specific knobs (thresholds of the model itself, input size, ...)."""
+
+
+@dataclass
+class ModelsConfig:
+    tagger: ModelSpec
+    detectors: dict[str, ModelSpec]
+    """The detector ensemble: member name -> spec. Member names key the per-model thresholds."""
+    segmenter: ModelSpec
+    depth: ModelSpec
+    region_captioner: ModelSpec
+    text_embedder: ModelSpec | None = None
+
+
+@dataclass
+class PersonRules:
+    labels: list[str] = field(default_factory=lambda: ["person", "man", "woman", "men", "women"])
+    """Labels rewritten to ``person`` and governed by these rules."""
+    promote: dict[str, float] = field(default_factory=dict)
+    """member -> score above which an unmatched person still becomes an object."""
+    drop_unmatched_from: list[str] = field(default_factory=list)
+    """Members whose unmatched person boxes are dropped instead of kept floating."""
+    floor: float = 0.2
+    """Person boxes of ``promote`` members pass the score pre-filter at min(threshold, floor)."""
+
+
+@dataclass
+class Level1Config:
+    tag_top_k: int = 8
+    tag_threshold: float = 0.1
+    score_thresholds: dict[str, float] = field(default_factory=dict)
+    """Per-member score pre-filter applied before that member's NMS; missing members use 0.1."""
+    nms_iou: float = 0.9
+    vote_iou: float = 0.65
+    min_models: int = 2
+    box_fusion: Literal["weighted", "anchor"] = "weighted"
+    """How a voted object's box is formed: score-weighted mean of members, or the anchor's box."""
+    vote_order: list[str] = field(default_factory=list)
+    """Members in anchor priority order; empty means the order of ``models.detectors``."""
+    person: PersonRules = field(default_factory=PersonRules)
+    mask_iou: float = 0.65
+    """An SA-1B mask is attached when its box IoU with the object box reaches this."""
+    region_min_area: float = 0.01
+    """Region proposals smaller than this fraction of the image are not classified."""
+    floating_attribute_iou: float = 0.65
+    max_image_pixels: int = 60_000_000
+    """Images above this are refused with an error row instead of exhausting memory."""
+
+
+@dataclass
+class PoolConfig:
+    num_actors: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    accelerator_type: str | None = None
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    micro_batch: int = 4
+    """Images per micro-batch inside a shard."""
+
+
+@dataclass
+class EngineConfig:
+    executor: Literal["ray", "local"] = "ray"
+    ray_address: str | None = None
+    """None starts a local Ray; ``auto`` joins the cluster of ``ray job submit``."""
+    max_in_flight_per_actor: int = 2
+    max_shard_retries: int = 2
+    torch_threads: int = 0
+    """0 leaves torch's default."""
+
+
+@dataclass
+class GrandConfig:
+    profile: str
+    models: ModelsConfig
+    level1: Level1Config = field(default_factory=Level1Config)
+    pools: dict[str, PoolConfig] = field(default_factory=lambda: {"level1": PoolConfig()})
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def pool(self, level: int) -> PoolConfig:
+        return self.pools.get(f"level{level}", PoolConfig())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def content_hash(self) -> str:
+        """Hash of everything that changes outputs; pools and engine only change speed."""
+        data = self.to_dict()
+        data.pop("pools")
+        data.pop("engine")
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _profiles_dir() -> Path:
+    return Path(str(resources.files("grand_pipeline") / "profiles"))
+
+
+def profiles() -> list[str]:
+    """Names of the shipped profiles (one YAML file each)."""
+    return sorted(p.stem for p in _profiles_dir().glob("*.yaml"))
+
+
+def profile_path(name: str) -> Path:
+    if name not in profiles():
+        raise ConfigError(f"profile: unknown profile {name!r}; known: {', '.join(profiles())}")
+    return _profiles_dir() / f"{name}.yaml"
+
+
+def _read_yaml(path: Path | str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    return data
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """``a.b.c=value`` -> ``{"a": {"b": {"c": value}}}``; the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    node: dict[str, Any] = {}
+    cursor = node
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor[part] = {}
+        cursor = cursor[part]
+    cursor[parts[-1]] = value
+    return node
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp!r}")
+
+
+def build(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from plain data, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{key}: unknown key; known here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required key is missing")
+    obj = cls(**kwargs)
+    _validate(obj, prefix)
+    return obj
+
+
+def _validate(obj: Any, prefix: str) -> None:
+    def bad(name: str, why: str) -> ConfigError:
+        return ConfigError(f"{prefix + '.' if prefix else ''}{name}: {why}")
+
+    if isinstance(obj, Level1Config):
+        for name in ("nms_iou", "vote_iou", "mask_iou", "tag_threshold", "floating_attribute_iou"):
+            if not 0.0 <= getattr(obj, name) <= 1.0:
+                raise bad(name, "must be within [0, 1]")
+        if obj.min_models < 1:
+            raise bad("min_models", "must be >= 1")
+    if isinstance(obj, PoolConfig):
+        if obj.num_actors < 1:
+            raise bad("num_actors", "must be >= 1")
+        if obj.micro_batch < 1:
+            raise bad("micro_batch", "must be >= 1")
+        if obj.num_gpus < 0 or obj.num_cpus < 0:
+            raise bad("num_gpus", "resources must be >= 0")
+    if isinstance(obj, ModelSpec) and obj.batch_size < 1:
+        raise bad("batch_size", "must be >= 1")
+
+
+def load_config(
+    profile: str = "lite", config_file: str | Path | None = None, overrides: list[str] | None = None
+) -> GrandConfig:
+    data = _read_yaml(profile_path(profile))
+    if config_file:
+        data = deep_merge(data, _read_yaml(config_file))
+    for item in overrides or []:
+        data = deep_merge(data, parse_override(item))
+    data["profile"] = profile
+    cfg = build(GrandConfig, data)
+    members = set(cfg.models.detectors)
+    for name in list(cfg.level1.vote_order) + list(cfg.level1.score_thresholds):
+        if name not in members:
+            raise ConfigError(
+                f"level1: {name!r} is not a detector member; members: {', '.join(sorted(members))}"
+            )
+    return cfg

@@ -1,0 +1,209 @@
+"""Executors: where a (level, shard) runs. ``local`` runs in-process; ``ray`` uses one actor pool
+per level, sized and placed from ``cfg.pools["levelN"]``.
+
+Both expose the same three calls to the driver: ``capacity(level)``, ``submit(level, ref)`` and
+``wait()``, which returns finished ``Outcome``s. A shard whose actor died comes back with
+``actor_died=True``; the Ray pool has already replaced that actor by then.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from grand_pipeline.config import GrandConfig
+from grand_pipeline.engine.runner import LevelRunner
+from grand_pipeline.metrics import PipelineMetrics
+from grand_pipeline.registry import Registry
+from grand_pipeline.sources.base import ShardRef
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    level: int
+    ref: ShardRef
+    table: pa.Table | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    actor_died: bool = False
+
+
+class Executor:
+    def capacity(self, level: int) -> int:
+        raise NotImplementedError
+
+    def submit(self, level: int, ref: ShardRef) -> None:
+        raise NotImplementedError
+
+    def wait(self) -> list[Outcome]:
+        raise NotImplementedError
+
+    def in_flight(self, level: int) -> int:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        return None
+
+
+EXECUTORS: Registry[type[Executor]] = Registry("executor")
+
+
+@EXECUTORS.register("local")
+class LocalExecutor(Executor):
+    """Runs each shard synchronously in this process; for debugging and small jobs."""
+
+    def __init__(self, cfg: GrandConfig, output_uri: str) -> None:
+        self.cfg = cfg
+        self.output_uri = output_uri
+        self.metrics = PipelineMetrics()
+        self._runners: dict[int, LevelRunner] = {}
+        self._done: deque[Outcome] = deque()
+
+    def capacity(self, level: int) -> int:
+        return 1
+
+    def in_flight(self, level: int) -> int:
+        return 0
+
+    def submit(self, level: int, ref: ShardRef) -> None:
+        try:
+            if level not in self._runners:
+                self._runners[level] = LevelRunner(self.cfg, level, self.metrics)
+            table, stats = self._runners[level].run_shard(ref, self.output_uri)
+            self._done.append(Outcome(level, ref, table, stats))
+        except Exception as exc:  # noqa: BLE001 - reported to the driver, which retries
+            logger.debug("shard %s level %d failed:\n%s", ref.shard_id, level, traceback.format_exc())
+            self._done.append(Outcome(level, ref, error=f"{type(exc).__name__}: {exc}"))
+
+    def wait(self) -> list[Outcome]:
+        done = list(self._done)
+        self._done.clear()
+        return done
+
+
+class _LevelActor:
+    """The body of a Ray actor: a LevelRunner whose models load once, in the constructor."""
+
+    def __init__(self, cfg: GrandConfig, level: int) -> None:
+        import logging as _logging
+
+        _logging.basicConfig(level=_logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        self.runner = LevelRunner(cfg, level, PipelineMetrics(ray_enabled=True))
+
+    def ready(self) -> bool:
+        return True
+
+    def run_shard(self, ref: ShardRef, output_uri: str) -> tuple[pa.Table, dict[str, Any]]:
+        return self.runner.run_shard(ref, output_uri)
+
+
+@EXECUTORS.register("ray")
+class RayExecutor(Executor):
+    """One actor pool per level with bounded in-flight shards per actor (backpressure)."""
+
+    def __init__(self, cfg: GrandConfig, output_uri: str) -> None:
+        import ray
+
+        self.ray = ray
+        if not ray.is_initialized():
+            # Token authentication is Ray's default for local clusters; we never turn it off.
+            ray.init(
+                address=cfg.engine.ray_address,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=True,
+            )
+            self._owns_ray = True
+        else:
+            self._owns_ray = False
+        self.cfg = cfg
+        self.output_uri = output_uri
+        self.metrics = PipelineMetrics(ray_enabled=True)
+        self._actor_cls = ray.remote(_LevelActor)
+        self._actors: dict[int, list[Any]] = {}
+        self._load: dict[int, list[int]] = {}
+        self._pending: dict[Any, tuple[int, int, ShardRef]] = {}
+
+    def _new_actor(self, level: int) -> Any:
+        pool = self.cfg.pool(level)
+        options: dict[str, Any] = {
+            "num_cpus": pool.num_cpus,
+            "num_gpus": pool.num_gpus,
+            "max_restarts": 0,
+            "max_concurrency": 1,
+        }
+        if pool.resources:
+            options["resources"] = dict(pool.resources)
+        if pool.accelerator_type:
+            options["accelerator_type"] = pool.accelerator_type
+        if pool.runtime_env:
+            options["runtime_env"] = dict(pool.runtime_env)
+        return self._actor_cls.options(**options).remote(self.cfg, level)
+
+    def _pool(self, level: int) -> list[Any]:
+        if level not in self._actors:
+            size = self.cfg.pool(level).num_actors
+            self._actors[level] = [self._new_actor(level) for _ in range(size)]
+            self._load[level] = [0] * size
+        return self._actors[level]
+
+    def capacity(self, level: int) -> int:
+        return self.cfg.pool(level).num_actors * self.cfg.engine.max_in_flight_per_actor
+
+    def in_flight(self, level: int) -> int:
+        return sum(self._load.get(level, []))
+
+    def submit(self, level: int, ref: ShardRef) -> None:
+        actors = self._pool(level)
+        loads = self._load[level]
+        index = min(range(len(actors)), key=loads.__getitem__)
+        handle = actors[index].run_shard.remote(ref, self.output_uri)
+        loads[index] += 1
+        self._pending[handle] = (level, index, ref)
+        self.metrics.in_flight(level, self.in_flight(level))
+
+    def wait(self) -> list[Outcome]:
+        if not self._pending:
+            return []
+        ready, _ = self.ray.wait(list(self._pending), num_returns=1)
+        outcomes = []
+        for handle in ready:
+            level, index, ref = self._pending.pop(handle)
+            self._load[level][index] -= 1
+            try:
+                table, stats = self.ray.get(handle)
+                outcomes.append(Outcome(level, ref, table, stats))
+            except self.ray.exceptions.RayActorError as exc:
+                logger.warning("actor of level %d died on shard %s; replacing it", level, ref.shard_id)
+                self._replace(level, index)
+                outcomes.append(Outcome(level, ref, error=f"actor died: {exc}", actor_died=True))
+            except self.ray.exceptions.RayTaskError as exc:
+                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                outcomes.append(Outcome(level, ref, error=f"{type(cause).__name__}: {cause}"))
+            self.metrics.in_flight(level, self.in_flight(level))
+        return outcomes
+
+    def _replace(self, level: int, index: int) -> None:
+        old = self._actors[level][index]
+        try:
+            self.ray.kill(old)
+        except Exception:  # noqa: BLE001 - it is already dead
+            pass
+        self._actors[level][index] = self._new_actor(level)
+
+    def shutdown(self) -> None:
+        for actors in self._actors.values():
+            for actor in actors:
+                try:
+                    self.ray.kill(actor)
+                except Exception:  # noqa: BLE001
+                    pass
+        if self._owns_ray:
+            self.ray.shutdown()

@@ -1,0 +1,127 @@
+"""LevelRunner: one level's stages, built once per actor, applied to whole shards.
+
+The runner is what a Ray actor (or the local executor) holds. ``run_shard`` streams a shard's
+images through micro-batches and returns the level's Arrow table in source order, plus stats
+for the commit marker. It never writes: committing is the driver's job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from grand_pipeline.config import GrandConfig
+from grand_pipeline.engine.inputs import micro_batches, record_from_source
+from grand_pipeline.metrics import PipelineMetrics
+from grand_pipeline.models.hub import ModelHub
+from grand_pipeline.schemas import STATUS_OK
+from grand_pipeline.sources import iter_shard
+from grand_pipeline.sources.base import ShardRef
+from grand_pipeline.stage import ImageRecord
+from grand_pipeline.store import Store
+
+logger = logging.getLogger(__name__)
+
+
+def level_spec(level: int):
+    import levels  # noqa: F401 - registers the built-in levels
+    from levels.base import LEVELS
+
+    return LEVELS.get(str(level))
+
+
+class LevelRunner:
+    def __init__(self, cfg: GrandConfig, level: int, metrics: PipelineMetrics | None = None) -> None:
+        if cfg.engine.torch_threads:
+            import torch
+
+            torch.set_num_threads(cfg.engine.torch_threads)
+        self.cfg = cfg
+        self.level = level
+        self.spec = level_spec(level)
+        self.metrics = metrics or PipelineMetrics()
+        self.hub = ModelHub(cfg.models)
+        # Models load here, once per actor: every stage asks the shared hub.
+        self.stages = [stage_cls(cfg, self.hub) for stage_cls in self.spec.stages]
+        self.config_hash = cfg.content_hash()
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        return self.hub.loaded()
+
+    def _records(self, ref: ShardRef, output_uri: str) -> Iterator[ImageRecord]:
+        max_pixels = self.cfg.level1.max_image_pixels
+        if self.level == 1:
+            for item in iter_shard(ref):
+                yield record_from_source(item, max_pixels)
+            return
+        previous = Store(output_uri).read(self.level - 1, ref.shard_id).to_pylist()
+        sources = {}
+        if self.spec.needs_pixels:
+            sources = {item.image_id: item for item in iter_shard(ref)}
+        for row in previous:
+            item = sources.get(row["image_id"])
+            if item is not None:
+                record = record_from_source(item, max_pixels)
+            else:
+                record = ImageRecord(image_id=row["image_id"], shard_id=row["shard_id"])
+                if self.spec.needs_pixels:
+                    record.fail("read", "image no longer in the source shard")
+            record.file_name, record.width, record.height = row["file_name"], row["width"], row["height"]
+            if row["status"] != STATUS_OK:
+                record.fail(row["error_stage"] or "previous", f"level {self.level - 1}: {row['error']}")
+            elif self.spec.from_previous is not None:
+                self.spec.from_previous(record, row)
+            yield record
+
+    def run_shard(self, ref: ShardRef, output_uri: str) -> tuple[pa.Table, dict[str, Any]]:
+        start = time.perf_counter()
+        before = Counter(self.metrics.stage_seconds)
+        rows: list[dict[str, Any]] = []
+        micro = self.cfg.pool(self.level).micro_batch
+
+        def hook(stage: str, ok: int, failed: int, seconds: float) -> None:
+            self.metrics.stage_done(self.level, stage, ok, failed, seconds)
+
+        for batch in micro_batches(self._records(ref, output_uri), micro):
+            for stage in self.stages:
+                stage(batch, hook)
+            rows.extend(self._row(record) for record in batch)
+            for record in batch:
+                record.image = None  # free pixels as soon as the batch is done
+        table = pa.Table.from_pylist(rows, schema=self.spec.schema)
+        stage_seconds = {
+            stage: round(seconds - before[(lvl, stage)], 4)
+            for (lvl, stage), seconds in self.metrics.stage_seconds.items()
+            if lvl == self.level
+        }
+        stats = {
+            "seconds": round(time.perf_counter() - start, 3),
+            "stage_seconds": stage_seconds,
+            "models": self.models(),
+            "config_hash": self.config_hash,
+        }
+        return table, stats
+
+    def _row(self, record: ImageRecord) -> dict[str, Any]:
+        row = {
+            "image_id": record.image_id,
+            "shard_id": record.shard_id,
+            "file_name": record.file_name,
+            "width": record.width,
+            "height": record.height,
+            "status": record.status,
+            "error": record.error,
+            "error_stage": record.error_stage,
+            "provenance": {
+                "config_hash": self.config_hash,
+                "backends": record.backends,
+                "prompt_versions": record.fields.get("prompt_versions", []),
+            },
+        }
+        row.update(self.spec.to_row(record))
+        return row

@@ -1,0 +1,179 @@
+"""Input readers: discover shards in an input URI and stream their images.
+
+Inputs are SA-1B tar shards (a single tar, or a directory of tars) or a flat folder of
+images, on any filesystem fsspec knows (local, ``s3://``, ``gs://``, ``memory://``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable, Collection, Iterator
+from pathlib import PurePosixPath
+
+import fsspec
+
+from .base import (
+    SHARD_ID_RE,
+    ImageDecodeError,
+    ShardRef,
+    SourceError,
+    SourceImage,
+    UnsafeIdError,
+    decode_image,
+    safe_id,
+)
+from .folder import folder_image_id, iter_image_folder
+from .sa1b import iter_sa1b_tar, write_sa1b_tar
+
+__all__ = [
+    "SHARD_ID_RE",
+    "ImageDecodeError",
+    "ShardRef",
+    "SourceError",
+    "SourceImage",
+    "UnsafeIdError",
+    "decode_image",
+    "iter_image_folder",
+    "iter_sa1b_tar",
+    "iter_shard",
+    "list_shards",
+    "read_images",
+    "safe_id",
+    "write_sa1b_tar",
+]
+
+logger = logging.getLogger(__name__)
+
+_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")  # longest first: "x.tar.gz" -> "x"
+_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+
+Reader = Callable[[ShardRef, Collection[str] | None], Iterator[SourceImage]]
+# A registry rather than if/elif, so a new input kind is one entry here.
+_READERS: dict[str, Reader] = {
+    "sa1b_tar": iter_sa1b_tar,
+    "image_folder": iter_image_folder,
+}
+
+
+def _name(path: str) -> str:
+    return PurePosixPath(path.rstrip("/")).name
+
+
+def _tar_stem(name: str) -> str | None:
+    lower = name.lower()
+    for suffix in _TAR_SUFFIXES:
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _unique(refs_or_ids: list[tuple[str, str]], input_uri: str, what: str) -> None:
+    """Raise if two inputs map to one id: they would overwrite each other's output."""
+    seen: dict[str, str] = {}
+    for ident, source in refs_or_ids:
+        if ident in seen:
+            raise SourceError(
+                f"{what} {_name(seen[ident])!r} and {_name(source)!r} in {input_uri} both map to id "
+                f"{ident!r}; rename one of them"
+            )
+        seen[ident] = source
+
+
+def _folder_shards(
+    fs: fsspec.AbstractFileSystem, path: str, images: list[str], input_uri: str, folder_chunk: int
+) -> list[ShardRef]:
+    uris = [fs.unstrip_protocol(p) for p in images]
+    _unique([(folder_image_id(u), u) for u in uris], input_uri, "images")
+    prefix = safe_id(_name(path), strict=False) if _name(path) else "images"
+    return [
+        ShardRef(
+            f"{prefix}-{k:05d}", fs.unstrip_protocol(path), "image_folder", tuple(uris[i : i + folder_chunk])
+        )
+        for k, i in enumerate(range(0, len(uris), folder_chunk))
+    ]
+
+
+def list_shards(input_uri: str, shards_glob: str | None = None, folder_chunk: int = 1000) -> list[ShardRef]:
+    """Discover the shards of an input, deterministically (sorted by name).
+
+    A tar file is one shard; a directory of tars gives one shard per tar; a directory of
+    images (and no tars; not recursive) gives chunks of ``folder_chunk`` images.
+    ``shards_glob`` keeps only shard ids matching that fnmatch pattern.
+    """
+    if folder_chunk < 1:
+        raise SourceError(f"folder_chunk must be >= 1, got {folder_chunk}")
+    try:
+        fs, path = fsspec.core.url_to_fs(input_uri)
+        exists = fs.exists(path)
+    except (ImportError, ValueError, OSError) as e:  # unknown protocol, missing s3fs, auth
+        raise SourceError(f"cannot open input {input_uri}: {e}") from e
+    if not exists:
+        raise SourceError(f"input {input_uri} does not exist")
+
+    if fs.isfile(path):
+        stem = _tar_stem(_name(path))
+        if stem is None:
+            raise SourceError(f"input {input_uri} is a file but not a tar shard (.tar, .tar.gz, .tgz)")
+        refs = [ShardRef(safe_id(stem, strict=False), fs.unstrip_protocol(path), "sa1b_tar")]
+    else:
+        # Hidden files (e.g. macOS "._x.tar") are never inputs.
+        files = sorted(
+            e["name"]
+            for e in fs.ls(path, detail=True)
+            if e.get("type") == "file" and not _name(e["name"]).startswith(".")
+        )
+        tars = [(stem, f) for f in files if (stem := _tar_stem(_name(f))) is not None]
+        images = [f for f in files if PurePosixPath(f).suffix.lower() in _IMAGE_SUFFIXES]
+        if tars:
+            if images:
+                logger.info("%s holds tar shards; ignoring %d loose images", input_uri, len(images))
+            ids = [(safe_id(stem, strict=False), f) for stem, f in tars]
+            _unique(ids, input_uri, "tar files")
+            refs = [ShardRef(i, fs.unstrip_protocol(f), "sa1b_tar") for i, f in ids]
+        elif images:
+            refs = _folder_shards(fs, path, images, input_uri, folder_chunk)
+        else:
+            raise SourceError(
+                f"no shards in {input_uri}: found no tar files ({', '.join(_TAR_SUFFIXES)}) and no images "
+                f"({', '.join(sorted(_IMAGE_SUFFIXES))})"
+            )
+
+    if shards_glob:
+        kept = [r for r in refs if fnmatch.fnmatchcase(r.shard_id, shards_glob)]
+        if not kept:
+            sample = ", ".join(r.shard_id for r in refs[:5]) + (", ..." if len(refs) > 5 else "")
+            raise SourceError(f"no shards in {input_uri} match {shards_glob!r} (found {len(refs)}: {sample})")
+        refs = kept
+    logger.info("found %d shard(s) in %s", len(refs), input_uri)
+    return refs
+
+
+def iter_shard(ref: ShardRef, only: Collection[str] | None = None) -> Iterator[SourceImage]:
+    """Stream the images of one shard (optionally only the given image ids)."""
+    reader = _READERS.get(ref.kind)
+    if reader is None:
+        raise SourceError(f"unknown shard kind {ref.kind!r}; known kinds: {', '.join(sorted(_READERS))}")
+    return reader(ref, only)
+
+
+def read_images(ref: ShardRef, image_ids: set[str]) -> dict[str, SourceImage]:
+    """Re-read a shard and return the items for ``image_ids`` (ids not found are absent).
+
+    Later levels need the pixels again; reading stops as soon as all ids were found.
+    """
+    wanted = set(image_ids)
+    found: dict[str, SourceImage] = {}
+    if not wanted:
+        return found
+    it = iter_shard(ref, only=wanted)
+    try:
+        for item in it:
+            found.setdefault(item.image_id, item)
+            if len(found) == len(wanted):
+                break
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()  # closes the tar stream now, not at garbage collection
+    return found

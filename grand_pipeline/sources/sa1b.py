@@ -1,0 +1,225 @@
+"""Streaming reader (and a deterministic writer) for SA-1B tar shards.
+
+An SA-1B shard ``sa_NNNNNN.tar`` holds ``sa_K.jpg`` + ``sa_K.json`` pairs. The tar is
+read as a forward-only stream (``r|*``) so it works on non-seekable object-store
+streams and never touches local disk: member names are only used to derive ids, never
+as paths.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import posixpath
+import tarfile
+import zlib
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from .base import ShardRef, SourceImage, UnsafeIdError, fallback_id, safe_id
+
+logger = logging.getLogger(__name__)
+
+_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg"})
+_JSON_SUFFIX = ".json"
+# SA-1B members are a few MB; a far larger one is corrupt or hostile and is not read
+# into memory (it becomes an error row instead).
+_MAX_MEMBER_BYTES = 1 << 30
+_END_ATTR = "_grand_last_header_error"
+
+
+class _EndTrackingTarInfo(tarfile.TarInfo):
+    """Records why tarfile stopped reading headers.
+
+    ``TarFile.next()`` silently treats a stream that ends inside or right before a
+    header as a normal end of archive. Only a zero block (``EOFHeaderError``) is a real
+    end marker, so remembering the last header error tells a complete tar from a
+    truncated one.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.HeaderError as e:
+            setattr(tarfile_, _END_ATTR, e)
+            raise
+
+
+@dataclass
+class _Half:
+    """One member of a jpg/json pair, or the reason it could not be read."""
+
+    name: str
+    data: bytes | None
+    error: str | None = None
+
+
+@dataclass
+class _Pending:
+    stem: str  # the member stem as found (for messages)
+    image: _Half | None = None
+    meta: _Half | None = None
+    unsafe: bool = False
+
+
+def _split_member(name: str) -> tuple[str, str, str]:
+    """(basename, stem, lower-case suffix) of a member name, ignoring any directories."""
+    base = PurePosixPath(name.replace("\\", "/")).name
+    p = PurePosixPath(base)
+    return base, p.stem, p.suffix.lower()
+
+
+def _parse_meta(raw: bytes) -> tuple[list[dict], int, int]:
+    """Validate an SA-1B JSON; raises ValueError with a short reason."""
+    doc = json.loads(raw)
+    if not isinstance(doc, dict):
+        raise ValueError("top level is not an object")
+    image, anns = doc.get("image"), doc.get("annotations")
+    if not isinstance(image, dict):
+        raise ValueError("missing 'image' object")
+    if not isinstance(anns, list) or not all(isinstance(a, dict) for a in anns):
+        raise ValueError("missing 'annotations' list")
+    w, h = image.get("width"), image.get("height")
+    for key, v in (("width", w), ("height", h)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"image.{key} is not a positive integer: {v!r}")
+    return anns, int(w), int(h)
+
+
+def _build(key: str, shard_id: str, p: _Pending) -> SourceImage:
+    file_name = p.image.name if p.image else f"{p.stem}.jpg"
+    data = p.image.data if p.image else None
+    item = SourceImage(key, shard_id, file_name, data, None, None, None)
+    errors: list[str] = []
+    if p.unsafe:
+        errors.append(f"unsafe member name {p.stem!r}")
+    if p.image is None:
+        errors.append(f"missing image for {p.stem}")
+    elif p.image.error:
+        errors.append(p.image.error)
+    if p.meta is None:
+        errors.append(f"missing SA-1B json for {p.stem}")
+    elif p.meta.error:
+        errors.append(p.meta.error)
+    elif p.meta.data is not None:
+        try:
+            item.annotations, item.width, item.height = _parse_meta(p.meta.data)
+        except ValueError as e:  # includes JSONDecodeError and UnicodeDecodeError
+            errors.append(f"bad SA-1B json: {str(e)[:200]}")
+    item.error = "; ".join(errors) or None
+    return item
+
+
+def _read_half(tf: tarfile.TarFile, member: tarfile.TarInfo, base: str) -> _Half:
+    if member.size > _MAX_MEMBER_BYTES:
+        return _Half(base, None, f"member {base} too large ({member.size} bytes)")
+    fh = tf.extractfile(member)
+    if fh is None:  # cannot happen for regular files; kept so a None never leaks out
+        return _Half(base, None, f"member {base} has no data")
+    return _Half(base, fh.read())  # a short read raises tarfile.ReadError (truncation)
+
+
+def iter_sa1b_tar(ref: ShardRef, only: Collection[str] | None = None) -> Iterator[SourceImage]:
+    """Yield one :class:`SourceImage` per image of an SA-1B tar, in pair-completion order.
+
+    ``only`` restricts the output to those image ids (their bytes are the only ones
+    read). Broken input never raises: it becomes items with ``error`` set, and a tar
+    that ends early adds one ``{shard_id}__truncated`` item.
+    """
+    pending: dict[str, _Pending] = {}  # insertion order = first-seen order
+    done: set[str] = set()
+    n_members = 0
+    failure: str | None = None
+    try:
+        with (
+            fsspec.open(ref.uri, "rb") as f,
+            tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndTrackingTarInfo) as tf,
+        ):
+            while (member := tf.next()) is not None:
+                n_members += 1
+                tf.members.clear()  # stream mode keeps every header otherwise
+                if not member.isreg():
+                    logger.debug("%s: skipping non-regular member %r", ref.shard_id, member.name)
+                    continue
+                base, stem, suffix = _split_member(member.name)
+                if (suffix not in _IMAGE_SUFFIXES and suffix != _JSON_SUFFIX) or stem.startswith("."):
+                    logger.debug("%s: skipping unrelated member %r", ref.shard_id, member.name)
+                    continue
+                try:
+                    key, unsafe = safe_id(stem), False
+                except UnsafeIdError:
+                    key, unsafe = fallback_id(stem), True
+                if only is not None and key not in only:
+                    continue
+                slot = "meta" if suffix == _JSON_SUFFIX else "image"
+                p = pending.get(key) or _Pending(stem, unsafe=unsafe)
+                if key in done or getattr(p, slot) is not None:
+                    logger.warning("%s: duplicate member %r ignored", ref.shard_id, member.name)
+                    continue
+                setattr(p, slot, _read_half(tf, member, base))
+                pending[key] = p
+                if p.image is not None and p.meta is not None:
+                    del pending[key]
+                    done.add(key)
+                    yield _build(key, ref.shard_id, p)
+            end = getattr(tf, _END_ATTR, None)
+            if not isinstance(end, tarfile.EOFHeaderError):
+                failure = f"no end-of-archive marker ({end or 'stream ended'})"
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        failure = f"{type(e).__name__}: {e}"
+
+    # Half pairs: their partner never arrived (or the stream broke before it did).
+    for key, p in pending.items():
+        yield _build(key, ref.shard_id, p)
+    if failure is not None:
+        msg = f"truncated tar after {n_members} members: {failure}"
+        logger.warning("%s (%s): %s", ref.shard_id, ref.uri, msg)
+        trunc_id = f"{ref.shard_id}__truncated"
+        if only is None or trunc_id in only:
+            yield SourceImage(trunc_id, ref.shard_id, "", None, None, None, None, error=msg)
+
+
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
+    # Fixed metadata so the same items always give byte-identical tars.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def write_sa1b_tar(path_or_uri: str, items: list[tuple[str, bytes, dict[str, Any]]]) -> None:
+    """Write an SA-1B-format tar: for each (stem, jpeg bytes, json dict) in the given
+    order, ``{stem}.jpg`` then ``{stem}.json``. Deterministic; ``.tar.gz``/``.tgz``
+    destinations are gzip-compressed (with a zero gzip timestamp)."""
+    seen: set[str] = set()
+    for stem, _, _ in items:
+        if safe_id(stem) != stem or stem in seen:
+            raise ValueError(f"invalid or duplicate stem {stem!r}")
+        seen.add(stem)
+    fs, path = fsspec.core.url_to_fs(path_or_uri)
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+    compress = path.lower().endswith((".tar.gz", ".tgz"))
+    with fs.open(path, "wb") as raw:
+        # gzip's header embeds a timestamp and file name: pin both for reproducibility.
+        out = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if compress else raw
+        try:
+            with tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tf:
+                for stem, jpeg, meta in items:
+                    blob = json.dumps(meta, separators=(",", ":")).encode("utf-8")
+                    tf.addfile(_tar_info(f"{stem}.jpg", len(jpeg)), io.BytesIO(jpeg))
+                    tf.addfile(_tar_info(f"{stem}.json", len(blob)), io.BytesIO(blob))
+        finally:
+            if compress:
+                out.close()
+    logger.debug("wrote %d SA-1B items to %s", len(items), path_or_uri)

@@ -1,0 +1,149 @@
+"""The stage protocol: one stage per file, each declaring what it needs and what it writes.
+
+A stage is built once per actor (its ``__init__`` loads its models through the ``ModelHub``) and is
+then called on micro-batches of ``ImageRecord``. The base class checks the input contract, runs
+the batch, and turns a failure into error rows: a batch that raises is retried image by image so
+one bad image cannot take its neighbours down, and the stage that failed is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from grand_pipeline.models.roles import Backend, Region
+from grand_pipeline.schemas import STATUS_ERROR, STATUS_OK
+
+logger = logging.getLogger(__name__)
+
+#: Record attributes a stage may require besides ``fields``.
+RECORD_ATTRIBUTES = ("image", "regions", "width", "height")
+
+
+class StageContractError(RuntimeError):
+    """A stage was handed records without the fields it requires (a wiring bug, not bad data)."""
+
+
+@dataclass
+class ImageRecord:
+    """One image travelling through a level's stages inside an actor."""
+
+    image_id: str
+    shard_id: str
+    file_name: str = ""
+    width: int = 0
+    height: int = 0
+    image: np.ndarray | None = None
+    """RGB uint8 (H, W, 3), decoded once per actor and shared by every stage of the level."""
+    regions: list[Region] = field(default_factory=list)
+    """Class-agnostic SA-1B masks of the image, when the source has them."""
+    fields: dict[str, Any] = field(default_factory=dict)
+    status: str = STATUS_OK
+    error: str | None = None
+    error_stage: str | None = None
+    backends: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
+
+    def fail(self, stage: str, message: str) -> None:
+        self.status = STATUS_ERROR
+        self.error = message[:2000]
+        self.error_stage = stage
+
+
+StageHook = Callable[[str, int, int, float], None]
+"""(stage name, images ok, images failed, seconds) -> None; the engine feeds metrics from it."""
+
+
+class Stage:
+    """Base class. Subclasses set the class attributes and implement ``process``."""
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[dict[str, str]] = {}
+    """Input key -> description. Keys are ``fields`` entries or ``RECORD_ATTRIBUTES``."""
+    provides: ClassVar[dict[str, pa.DataType | None]] = {}
+    """Output key -> Arrow type of its column; ``None`` marks an in-memory hand-over only."""
+    models: ClassVar[tuple[str, ...]] = ()
+    """ModelHub keys this stage uses; loaded once, in ``__init__``."""
+
+    def __init__(self, cfg: Any, hub: Any) -> None:
+        self.cfg = cfg
+        self.backends: dict[str, Backend] = {key: hub.get(key) for key in self.models}
+
+    def process(self, records: list[ImageRecord]) -> None:
+        """Fill ``provides`` keys on every record (all are ``ok`` and meet ``requires``)."""
+        raise NotImplementedError
+
+    def _check_contract(self, records: list[ImageRecord]) -> None:
+        for record in records:
+            missing = [
+                key
+                for key in self.requires
+                if key not in record.fields and key not in RECORD_ATTRIBUTES
+            ]
+            if missing:
+                raise StageContractError(
+                    f"stage {self.name!r} requires {missing} but image {record.image_id} has "
+                    f"fields {sorted(record.fields)}"
+                )
+
+    def _stamp(self, record: ImageRecord) -> None:
+        for backend in self.backends.values():
+            record.backends.append({"stage": self.name, **_provenance(backend)})
+
+    def __call__(self, records: list[ImageRecord], hook: StageHook | None = None) -> None:
+        live = [r for r in records if r.ok]
+        if not live:
+            return
+        self._check_contract(live)
+        start = time.perf_counter()
+        try:
+            self.process(live)
+        except StageContractError:
+            raise
+        except Exception:  # noqa: BLE001 - isolate the bad image(s) below
+            if len(live) == 1:
+                self._fail(live[0])
+            else:
+                logger.info("stage %s failed on a batch of %d; retrying one by one", self.name, len(live))
+                for record in live:
+                    try:
+                        self.process([record])
+                    except StageContractError:
+                        raise
+                    except Exception:  # noqa: BLE001 - failures are data
+                        self._fail(record)
+        failed = 0
+        for record in live:
+            if record.ok:
+                self._stamp(record)
+            else:
+                failed += 1
+        if hook is not None:
+            hook(self.name, len(live) - failed, failed, time.perf_counter() - start)
+
+    def _fail(self, record: ImageRecord) -> None:
+        import sys
+
+        exc = sys.exc_info()[1]
+        message = f"{type(exc).__name__}: {exc}"
+        logger.warning("stage %s failed on %s: %s", self.name, record.image_id, message)
+        record.fail(self.name, message)
+
+
+def _provenance(backend: Backend) -> dict[str, Any]:
+    info = backend.describe()
+    return {
+        "role": info["role"],
+        "backend": info["backend"],
+        "model_id": info["model_id"],
+        "heuristic": bool(info["heuristic"]),
+    }

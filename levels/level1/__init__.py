@@ -1,0 +1,82 @@
+"""Level 1: tags, the detector ensemble and its vote, masks, attributes and depth per object.
+
+Stages run in the order of ``STAGES``; ``to_row`` turns a finished record into the level-1
+columns of ``schemas.LEVEL1_FIELDS``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from grand_pipeline.stage import ImageRecord
+from levels.base import LEVELS, LevelSpec
+from levels.level1.attributes import AttributeStage
+from levels.level1.common import plain_rle, round_box, round_score
+from levels.level1.depth import DepthStage
+from levels.level1.detect import DetectStage
+from levels.level1.masks import MaskStage
+from levels.level1.nms import NmsStage
+from levels.level1.tags import TagStage
+from levels.level1.vote import VoteStage
+
+__all__ = [
+    "LEVEL1",
+    "STAGES",
+    "AttributeStage",
+    "DepthStage",
+    "DetectStage",
+    "MaskStage",
+    "NmsStage",
+    "TagStage",
+    "VoteStage",
+    "to_row",
+]
+
+STAGES = (TagStage, DetectStage, NmsStage, VoteStage, MaskStage, AttributeStage, DepthStage)
+
+
+def object_row(obj: dict[str, Any]) -> dict[str, Any]:
+    """One object dict as plain Arrow-ready values (numpy scalars and bytes converted)."""
+    return {
+        "id": int(obj["id"]),
+        "bbox": round_box(obj["bbox"]),
+        "labels": [str(v) for v in obj.get("labels") or []],
+        "label": None if obj.get("label") is None else str(obj["label"]),
+        "score": round_score(obj.get("score")),
+        "attributes": [str(v) for v in obj.get("attributes") or []],
+        "depth": round_score(obj.get("depth")),
+        "segmentation": plain_rle(obj.get("segmentation")),
+        "segmentation_source": obj.get("segmentation_source"),
+        "models": [str(v) for v in obj.get("models") or []],
+    }
+
+
+def to_row(record: ImageRecord) -> dict[str, Any]:
+    """The level-1 columns of one record; an error record gets empty lists and None."""
+    if not record.ok:
+        return {
+            "tags": [],
+            "objects": [],
+            "floating_objects": [],
+            "floating_attributes": [],
+            "depth_source": None,
+        }
+    fields = record.fields
+    return {
+        "tags": [{"name": str(t["name"]), "score": round_score(t["score"])} for t in fields.get("tags", [])],
+        "objects": [object_row(o) for o in fields.get("objects", [])],
+        "floating_objects": [object_row(o) for o in fields.get("floating_objects", [])],
+        "floating_attributes": [
+            {
+                "bbox": round_box(a["bbox"]),
+                "description": str(a["description"]),
+                "score": round_score(a["score"]),
+            }
+            for a in fields.get("floating_attributes", [])
+        ],
+        "depth_source": fields.get("depth_source"),
+    }
+
+
+LEVEL1 = LevelSpec(number=1, stages=STAGES, needs_pixels=True, to_row=to_row)
+LEVELS.register("1")(LEVEL1)

@@ -1,0 +1,98 @@
+"""AttributeStage: a short attribute phrase per object, and floating attributes.
+
+Every object and floating object is described (box + mask). Region proposals that no object
+covers are described too and kept as ``floating_attributes``: the lite analogue of the
+reference's GRiT boxes that matched no detection. Objects and leftover regions of one image go
+to the region captioner together, so the captioner sees each image once.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from grand_pipeline.geometry.matching import unmatched
+from grand_pipeline.models.roles import Region
+from grand_pipeline.schemas import FLOATING_ATTRIBUTE
+from grand_pipeline.stage import ImageRecord, Stage
+from levels.level1.common import (
+    all_objects,
+    image_size,
+    iter_mask_chunks,
+    object_boxes,
+    plain_rle,
+    region_boxes,
+    round_box,
+    round_score,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def leftover_regions(
+    regions: list[Region], objects: list[dict], height: int, width: int, min_area: float, iou: float
+) -> list[Region]:
+    """Regions of box area >= ``min_area`` x image area that no object matches at IoU >= ``iou``.
+
+    Box area, not mask area: the same size rule the region-tagger detector applies, so a region
+    too small to be classified there is not described here either.
+    """
+    if not regions:
+        return []
+    boxes = region_boxes(regions)
+    wh = np.clip(boxes[:, 2:] - boxes[:, :2], 0.0, None)
+    big = wh[:, 0] * wh[:, 1] >= min_area * height * width
+    free = unmatched(object_boxes(objects), boxes, iou)
+    return [region for region, keep in zip(regions, big & free, strict=True) if keep]
+
+
+class AttributeStage(Stage):
+    """Fills ``attributes`` of every object dict; provides ``floating_attributes``."""
+
+    name: ClassVar[str] = "attributes"
+    requires: ClassVar[dict[str, str]] = {
+        "objects": "voted objects (with masks)",
+        "floating_objects": "floating objects (with masks)",
+        "image": "decoded RGB image",
+        "regions": "SA-1B region proposals (may be empty)",
+    }
+    provides: ClassVar[dict[str, pa.DataType | None]] = {"floating_attributes": pa.list_(FLOATING_ATTRIBUTE)}
+    models: ClassVar[tuple[str, ...]] = ("region_captioner",)
+    fills: ClassVar[tuple[str, ...]] = ("attributes",)
+
+    def process(self, records: list[ImageRecord]) -> None:
+        level1 = self.cfg.level1
+        for record in records:
+            height, width = image_size(record)
+            objects = all_objects(record)
+            extra = leftover_regions(
+                record.regions, objects, height, width, level1.region_min_area, level1.floating_attribute_iou
+            )
+            items = [(obj.get("segmentation"), obj["bbox"]) for obj in objects]
+            items += [(plain_rle(r.rle), r.bbox) for r in extra]
+            phrases = self.describe(record, items, height, width)
+            for obj, phrase in zip(objects, phrases[: len(objects)], strict=True):
+                obj["attributes"] = [phrase] if phrase else []
+            record.fields["floating_attributes"] = [
+                {"bbox": round_box(r.bbox), "description": phrase, "score": round_score(r.score)}
+                for r, phrase in zip(extra, phrases[len(objects) :], strict=True)
+                if phrase
+            ]
+            logger.debug("%s: %d described, %d floating attributes", record.image_id, len(items), len(extra))
+
+    def describe(
+        self, record: ImageRecord, items: list[tuple[Any, Any]], height: int, width: int
+    ) -> list[str]:
+        """One phrase per (segmentation, box) item; masks are built a chunk at a time (memory)."""
+        captioner = self.backends["region_captioner"]
+        phrases: list[str] = []
+        for start, masks in iter_mask_chunks(items, height, width):
+            boxes = np.asarray([items[start + k][1] for k in range(len(masks))], dtype=np.float32)
+            out = captioner.describe(record.image, boxes, masks)
+            if len(out) != len(masks):
+                raise ValueError(f"region captioner returned {len(out)} phrases for {len(masks)} boxes")
+            phrases.extend(str(p).strip() for p in out)
+        return phrases
