@@ -111,6 +111,8 @@ class EngineConfig:
 class GrandConfig:
     profile: str
     models: ModelsConfig
+    plugins: list[str] = field(default_factory=list)
+    """Modules imported in every actor before models load; they register extra backends."""
     level1: Level1Config = field(default_factory=Level1Config)
     pools: dict[str, PoolConfig] = field(default_factory=lambda: {"level1": PoolConfig()})
     engine: EngineConfig = field(default_factory=EngineConfig)

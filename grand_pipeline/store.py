@@ -210,17 +210,21 @@ class Store:
         self.fs.pipe_file(staged, data)
         try:
             if self.is_committed(level, shard):
-                logger.info("level %d shard %s already committed; attempt %d discarded", level, shard, attempt)
+                logger.info(
+                    "level %d shard %s already committed; attempt %d discarded", level, shard, attempt
+                )
                 return False
             self._publish(staged, final)
         finally:
             self._remove(staged)
 
         counts = table_counts(table)
-        for key in ("rows", "ok", "failed", "failures_by_stage"):
-            if key in stats and stats[key] != counts[key]:
-                logger.warning("level %d shard %s: stats %s=%r, table says %r; keeping the table's",
-                               level, shard, key, stats[key], counts[key])
+        # The table is the truth; a caller's differing count is a bug worth seeing, not storing.
+        differ = {k: stats[k] for k in counts if k in stats and stats[k] != counts[k]}
+        if differ:
+            logger.warning(
+                "level %d shard %s: stats %r differ from the table; kept %r", level, shard, differ, counts
+            )
         seconds = float(stats.get("seconds", 0.0) or 0.0)
         record = {k: v for k, v in stats.items() if k not in counts}
         record.update(counts)
@@ -237,7 +241,9 @@ class Store:
             committed_at=time.time(),
         )
         self._write_atomic(marker, json.dumps(record, sort_keys=True, indent=1).encode())
-        logger.info("committed level %d shard %s (%d rows, attempt %d)", level, shard, counts["rows"], attempt)
+        logger.info(
+            "committed level %d shard %s (%d rows, attempt %d)", level, shard, counts["rows"], attempt
+        )
         return True
 
     def _parse_marker(self, level: int, shard: str, raw: bytes | None, path: str) -> dict | None:
@@ -247,8 +253,12 @@ class Store:
             data = json.loads(raw)
         except ValueError:
             data = None
-        if (not isinstance(data, dict) or any(k not in data for k in _MARKER_REQUIRED)
-                or data["level"] != level or data["shard"] != shard):
+        if (
+            not isinstance(data, dict)
+            or any(k not in data for k in _MARKER_REQUIRED)
+            or data["level"] != level
+            or data["shard"] != shard
+        ):
             logger.warning("ignoring unparseable commit marker %s", path)
             return None
         return data
@@ -301,10 +311,17 @@ class Store:
         """The committed table. The bytes are checked against the marker before they are parsed."""
         record = self.marker(level, shard)
         data = self._read_bytes(self.parquet_path(level, shard)) if record else None
-        if (record is None or data is None or len(data) != record["parquet_bytes"]
-                or hashlib.sha256(data).hexdigest() != record["parquet_sha256"]):
+        if (
+            record is None
+            or data is None
+            or len(data) != record["parquet_bytes"]
+            or hashlib.sha256(data).hexdigest() != record["parquet_sha256"]
+        ):
             raise NotCommitted(f"level {level} shard {shard} is not committed in {self.uri}")
-        return pq.read_table(pa.BufferReader(data), columns=columns)
+        # use_threads=False: with pyarrow 26, a threaded Parquet read leaves pool threads that
+        # abort the interpreter at exit now and then ("terminate called without an active
+        # exception"). One shard is decoded per call; parallelism comes from running shards.
+        return pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False)
 
     def clear(self, level: int, shard: str) -> None:
         # Marker first: once it is gone the shard is uncommitted, whatever happens to the rest.
@@ -333,7 +350,9 @@ class Store:
 
     def write_run_meta(self, config_yaml: str, run_info: dict) -> None:
         self._write_atomic(self._run_path("config.yaml"), config_yaml.encode())
-        self._write_atomic(self._run_path("run.json"), json.dumps(run_info, sort_keys=True, indent=1).encode())
+        self._write_atomic(
+            self._run_path("run.json"), json.dumps(run_info, sort_keys=True, indent=1).encode()
+        )
 
     def read_run_meta(self) -> dict | None:
         """The ``run.json`` written by :meth:`write_run_meta`, or None."""
@@ -405,16 +424,18 @@ class Store:
             for m in markers.values():
                 for stage, n in (m.get("failures_by_stage") or {}).items():
                     by_stage[stage] = by_stage.get(stage, 0) + int(n)
-            summaries.append({
-                "level": level,
-                "shards_committed": len(markers),
-                "shards_total": len(set(self.known_shards(level)) | set(markers)),
-                "images_ok": sum(int(m.get("ok", 0)) for m in markers.values()),
-                "images_failed": sum(int(m.get("failed", 0)) for m in markers.values()),
-                "failures_by_stage": dict(sorted(by_stage.items())),
-                "seconds": seconds,
-                "images_per_second": rows / seconds if seconds > 0 else 0.0,
-            })
+            summaries.append(
+                {
+                    "level": level,
+                    "shards_committed": len(markers),
+                    "shards_total": len(set(self.known_shards(level)) | set(markers)),
+                    "images_ok": sum(int(m.get("ok", 0)) for m in markers.values()),
+                    "images_failed": sum(int(m.get("failed", 0)) for m in markers.values()),
+                    "failures_by_stage": dict(sorted(by_stage.items())),
+                    "seconds": seconds,
+                    "images_per_second": rows / seconds if seconds > 0 else 0.0,
+                }
+            )
             matrix_levels[level] = markers
         all_shards = sorted(set(known).union(*(set(m) for m in matrix_levels.values())))
         matrix = {

@@ -1,0 +1,3 @@
+"""Stage logic per level. Importing this package registers every built-in level."""
+
+from levels import level1  # noqa: F401

@@ -208,7 +208,13 @@ def test_truncated_tar_keeps_earlier_images(tmp_path, items):
     assert ok and [g.image_id for g in ok] == ["sa_1", "sa_2", "sa_3"][: len(ok)]
     assert all(g.data == jpeg for g, (_, jpeg, _) in zip(ok, items, strict=False))
     assert got[-1].image_id == "half__truncated" and got[-1].error.startswith("truncated tar after ")
-    assert all(g.image_id != "half__truncated" for g in got[:-1])
+    # the cut lands inside sa_2.jpg: its id still shows up, as an error row
+    assert [(g.image_id, g.data is None) for g in got] == [
+        ("sa_1", False),
+        ("sa_2", True),
+        ("half__truncated", True),
+    ]
+    assert "sa_2.jpg unreadable" in got[1].error
 
 
 def test_truncated_at_member_boundary_is_detected(tmp_path, items):

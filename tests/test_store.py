@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -12,7 +13,9 @@ from grand_pipeline.schemas import STATUS_ERROR, STATUS_OK, level_schema
 from grand_pipeline.store import NotCommitted, SchemaMismatch, Store, StoreError
 
 
-def make_table(shard: str, n: int = 6, errors: dict[int, str | None] | None = None, level: int = 1) -> pa.Table:
+def make_table(
+    shard: str, n: int = 6, errors: dict[int, str | None] | None = None, level: int = 1
+) -> pa.Table:
     """Rows with only the common columns filled; list columns empty, others null.
 
     ``errors`` maps a row index to its error stage (None leaves the stage unset).
@@ -61,8 +64,6 @@ def test_commit_roundtrip_and_marker(tmp_path):
     assert m["images_per_second"] == pytest.approx(3.0)
     assert m["models"] == {"tagger": "tiny:1"} and m["config_hash"] == "abc123"
     assert m["host"] == "n1"  # extra caller keys are kept
-    import hashlib
-
     data = (tmp_path / "out" / "level1" / "sa_000001.parquet").read_bytes()
     assert m["parquet_bytes"] == len(data)
     assert m["parquet_sha256"] == hashlib.sha256(data).hexdigest()
@@ -146,7 +147,9 @@ def test_second_commit_is_fenced(tmp_path):
 def test_schema_mismatch_names_the_field(tmp_path):
     store = Store(str(tmp_path))
     table = make_table("s1")
-    wrong = table.set_column(table.schema.get_field_index("width"), "width", table.column("width").cast(pa.int64()))
+    wrong = table.set_column(
+        table.schema.get_field_index("width"), "width", table.column("width").cast(pa.int64())
+    )
     with pytest.raises(SchemaMismatch, match="'width'"):
         store.commit(1, "s1", wrong, STATS, attempt=1)
     with pytest.raises(SchemaMismatch, match="'depth_source'"):
@@ -201,7 +204,9 @@ def test_status_two_levels(tmp_path):
     store = Store(str(tmp_path))
     store.record_shards(None, ["s1", "s2", "s3"])
     store.commit(1, "s1", make_table("s1", n=4, errors={0: "tagger"}), {**STATS, "seconds": 1.0}, attempt=1)
-    store.commit(1, "s2", make_table("s2", n=6, errors={1: "depth", 2: "tagger"}), {**STATS, "seconds": 4.0}, 1)
+    store.commit(
+        1, "s2", make_table("s2", n=6, errors={1: "depth", 2: "tagger"}), {**STATS, "seconds": 4.0}, 1
+    )
     # A second level with the same columns, declared just for this test.
     schemas.register_level_fields(97, schemas.LEVEL1_FIELDS)
     try:

@@ -104,7 +104,7 @@ def run(
     shards = list_shards(request.input_uri, request.shards_glob)
     if request.limit is not None:
         shards = shards[: request.limit]
-    store.record_shards([ref.shard_id for ref in shards])
+    store.record_shards(None, [ref.shard_id for ref in shards])
     if request.mode == "overwrite":
         for lvl in request.levels:
             for ref in shards:

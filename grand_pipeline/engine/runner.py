@@ -45,7 +45,7 @@ class LevelRunner:
         self.level = level
         self.spec = level_spec(level)
         self.metrics = metrics or PipelineMetrics()
-        self.hub = ModelHub(cfg.models)
+        self.hub = ModelHub(cfg.models, cfg.plugins)
         # Models load here, once per actor: every stage asks the shared hub.
         self.stages = [stage_cls(cfg, self.hub) for stage_cls in self.spec.stages]
         self.config_hash = cfg.content_hash()

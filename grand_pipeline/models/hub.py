@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from typing import Any
 
 from grand_pipeline.config import ModelSpec, ModelsConfig
 from grand_pipeline.models.roles import BACKENDS, Backend
+from grand_pipeline.models.weights import ModelSourceError
 
 logger = logging.getLogger(__name__)
 
 
-def _import_backends() -> None:
-    # Importing the package registers every built-in backend (decorators run at import).
+def import_backends(plugins: list[str] | tuple[str, ...] = ()) -> None:
+    """Register the built-in backends, then those of plugin modules (decorators run at import)."""
     import grand_pipeline.models.backends  # noqa: F401
+
+    for module in plugins:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ModelSourceError(f"plugin module {module!r} cannot be imported: {exc}") from None
 
 
 class ModelHub:
     """Resolves ``role`` or ``role.member`` keys of ``ModelsConfig`` to loaded backends."""
 
-    def __init__(self, models: ModelsConfig) -> None:
-        _import_backends()
+    def __init__(self, models: ModelsConfig, plugins: list[str] | tuple[str, ...] = ()) -> None:
+        import_backends(plugins)
         self.models = models
         self._cache: dict[str, Backend] = {}
 

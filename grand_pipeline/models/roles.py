@@ -147,7 +147,9 @@ class DepthEstimator(Backend):
 
 
 class RegionCaptioner(Backend):
-    def describe(self, image: np.ndarray, boxes: np.ndarray, masks: np.ndarray | None) -> list[str]:
+    def describe_regions(
+        self, image: np.ndarray, boxes: np.ndarray, masks: np.ndarray | None
+    ) -> list[str]:
         """A short attribute phrase per box ("red cup"); masks (N, H, W) bool may be None."""
         raise NotImplementedError
 

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, TypeGuard
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -45,7 +45,7 @@ class _EndTrackingTarInfo(tarfile.TarInfo):
     """
 
     @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> _EndTrackingTarInfo:
         try:
             return super().fromtarfile(tarfile_)
         except tarfile.HeaderError as e:
@@ -77,6 +77,10 @@ def _split_member(name: str) -> tuple[str, str, str]:
     return base, p.stem, p.suffix.lower()
 
 
+def _is_pos_int(v: object) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 def _parse_meta(raw: bytes) -> tuple[list[dict], int, int]:
     """Validate an SA-1B JSON; raises ValueError with a short reason."""
     doc = json.loads(raw)
@@ -88,10 +92,9 @@ def _parse_meta(raw: bytes) -> tuple[list[dict], int, int]:
     if not isinstance(anns, list) or not all(isinstance(a, dict) for a in anns):
         raise ValueError("missing 'annotations' list")
     w, h = image.get("width"), image.get("height")
-    for key, v in (("width", w), ("height", h)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"image.{key} is not a positive integer: {v!r}")
-    return anns, int(w), int(h)
+    if not (_is_pos_int(w) and _is_pos_int(h)):
+        raise ValueError(f"image.width/height are not positive integers: {w!r} x {h!r}")
+    return anns, w, h
 
 
 def _build(key: str, shard_id: str, p: _Pending) -> SourceImage:
@@ -145,7 +148,7 @@ def iter_sa1b_tar(ref: ShardRef, only: Collection[str] | None = None) -> Iterato
         ):
             while (member := tf.next()) is not None:
                 n_members += 1
-                tf.members.clear()  # stream mode keeps every header otherwise
+                tf.members.clear()  # type: ignore[attr-defined]  # stream mode keeps every header
                 if not member.isreg():
                     logger.debug("%s: skipping non-regular member %r", ref.shard_id, member.name)
                     continue
@@ -164,14 +167,20 @@ def iter_sa1b_tar(ref: ShardRef, only: Collection[str] | None = None) -> Iterato
                 if key in done or getattr(p, slot) is not None:
                     logger.warning("%s: duplicate member %r ignored", ref.shard_id, member.name)
                     continue
-                setattr(p, slot, _read_half(tf, member, base))
+                try:
+                    setattr(p, slot, _read_half(tf, member, base))
+                except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+                    # Keep the id visible as its own error row, then end the stream below.
+                    setattr(p, slot, _Half(base, None, f"member {base} unreadable: {e}"))
+                    pending[key] = p
+                    raise
                 pending[key] = p
                 if p.image is not None and p.meta is not None:
                     del pending[key]
                     done.add(key)
                     yield _build(key, ref.shard_id, p)
             end = getattr(tf, _END_ATTR, None)
-            if not isinstance(end, tarfile.EOFHeaderError):
+            if not isinstance(end, tarfile.EOFHeaderError):  # type: ignore[attr-defined]
                 failure = f"no end-of-archive marker ({end or 'stream ended'})"
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         failure = f"{type(e).__name__}: {e}"

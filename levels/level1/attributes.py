@@ -91,7 +91,7 @@ class AttributeStage(Stage):
         phrases: list[str] = []
         for start, masks in iter_mask_chunks(items, height, width):
             boxes = np.asarray([items[start + k][1] for k in range(len(masks))], dtype=np.float32)
-            out = captioner.describe(record.image, boxes, masks)
+            out = captioner.describe_regions(record.image, boxes, masks)
             if len(out) != len(masks):
                 raise ValueError(f"region captioner returned {len(out)} phrases for {len(masks)} boxes")
             phrases.extend(str(p).strip() for p in out)

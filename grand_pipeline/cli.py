@@ -1,0 +1,217 @@
+"""The ``grand`` command line. The only module that prints or draws progress bars.
+
+Errors a user can cause (bad path, bad config, unknown model, a missing level N-1) print one
+line and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build GranD annotations.")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from grand_pipeline.config import ConfigError
+    from grand_pipeline.engine.driver import NothingToRun
+    from grand_pipeline.models.weights import ModelSourceError
+    from grand_pipeline.registry import UnknownNameError
+    from grand_pipeline.sources.base import SourceError
+    from grand_pipeline.store import StoreError
+
+    return (ConfigError, NothingToRun, ModelSourceError, UnknownNameError, SourceError, StoreError)
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user-caused errors into one line on stderr and exit code 2."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _user_errors() as exc:
+            typer.echo(f"grand: error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def parse_levels(level: int | None, levels: str | None) -> list[int]:
+    from grand_pipeline.config import ConfigError
+    from grand_pipeline.engine.runner import level_spec
+    from grand_pipeline.registry import UnknownNameError
+
+    if level is not None and levels is not None:
+        raise ConfigError("--level and --levels: give one of them")
+    if level is not None:
+        wanted = [level]
+    else:
+        text = levels or "1"
+        lo, _, hi = text.partition("-")
+        try:
+            wanted = list(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise ConfigError(f"--levels {text!r}: expected N or N-M, e.g. 1-4") from None
+    for number in wanted:
+        try:
+            level_spec(number)
+        except UnknownNameError as exc:
+            raise ConfigError(f"level {number} is not available ({exc})") from None
+    return wanted
+
+
+@app.command()
+@friendly
+def run(
+    input: Annotated[str, typer.Option("--input", "-i", help="SA-1B tar, folder of tars/images, or URI.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output folder or URI.")],
+    level: Annotated[int | None, typer.Option(help="Run only this level (N-1 must be committed).")] = None,
+    levels: Annotated[str | None, typer.Option(help="Level range, e.g. 1-4.")] = None,
+    profile: Annotated[str, typer.Option(help="lite, full or tiny.")] = "lite",
+    config: Annotated[str | None, typer.Option(help="YAML merged over the profile.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="dotted.key=value override.")] = None,
+    executor: Annotated[str | None, typer.Option(help="ray or local (default from config).")] = None,
+    mode: Annotated[str, typer.Option(help="resume (default) or overwrite.")] = "resume",
+    shards: Annotated[str | None, typer.Option(help="Glob over shard ids.")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many shards.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run levels over the input shards; committed (level, shard) pairs are skipped."""
+    from grand_pipeline.config import ConfigError, load_config
+    from grand_pipeline.engine import driver
+
+    _setup_logging(verbose)
+    if mode not in ("resume", "overwrite"):
+        raise ConfigError(f"--mode {mode!r}: expected resume or overwrite")
+    if executor is not None and executor not in ("ray", "local"):
+        raise ConfigError(f"--executor {executor!r}: expected ray or local")
+    cfg = load_config(profile, config, set_ or [])
+    wanted = parse_levels(level, levels)
+    request = driver.RunRequest(input, output, wanted, mode, shards, limit)  # type: ignore[arg-type]
+    bars: dict[int, Any] = {}
+
+    def on_event(event: dict[str, Any]) -> None:
+        from tqdm import tqdm
+
+        if event["type"] == "plan":
+            for lvl, count in event["planned"].items():
+                bars[lvl] = tqdm(total=count, desc=f"level {lvl}", unit="shard", file=sys.stderr)
+        elif event["type"] == "committed" and event["level"] in bars:
+            bars[event["level"]].update(1)
+            bars[event["level"]].set_postfix(ok=event["ok"], failed=event["failed"])
+        elif event["type"] == "shard_error":
+            tqdm.write(f"level {event['level']} shard {event['shard']}: {event['error']}", file=sys.stderr)
+
+    try:
+        summary = driver.run(cfg, request, executor, on_event)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    if not any(summary.planned.values()):
+        typer.echo(f"nothing to do: level(s) {wanted} already committed for every selected shard")
+    for lvl, shard_ids in sorted(summary.blocked.items()):
+        typer.echo(f"level {lvl}: {len(shard_ids)} shard(s) wait for level {lvl - 1} to be committed")
+    _print_status(output)
+    if summary.failed:
+        for key, error in summary.failed.items():
+            typer.echo(f"failed: {key}: {error}", err=True)
+        typer.echo(f"{len(summary.failed)} shard(s) failed; rerun the same command to retry them", err=True)
+        raise typer.Exit(1)
+
+
+def _print_status(output: str) -> dict[str, Any]:
+    from grand_pipeline.store import Store
+
+    status = Store(output).status()
+    typer.echo(f"{'level':<6}{'shards':>10}{'images ok':>11}{'failed':>8}{'img/s':>9}")
+    for entry in status["levels"]:
+        shards = f"{entry['shards_committed']}/{entry['shards_total']}"
+        typer.echo(
+            f"{entry['level']:<6}{shards:>10}{entry['images_ok']:>11}{entry['images_failed']:>8}"
+            f"{entry['images_per_second']:>9.2f}"
+        )
+        for stage, count in sorted(entry.get("failures_by_stage", {}).items()):
+            typer.echo(f"{'':6}failures in {stage}: {count}")
+    return status
+
+
+@app.command()
+@friendly
+def status(
+    output: Annotated[str, typer.Option("--output", "-o")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Per level: shards committed/total, images ok/failed, throughput."""
+    from grand_pipeline.store import Store
+
+    if as_json:
+        typer.echo(json.dumps(Store(output).status(), indent=2, sort_keys=True))
+        return
+    status = _print_status(output)
+    matrix = status.get("matrix", {})
+    if matrix:
+        levels = sorted({lvl for row in matrix.values() for lvl in row})
+        typer.echo("\nshard" + "".join(f"  L{lvl}" for lvl in levels))
+        for shard, row in sorted(matrix.items()):
+            marks = "".join(f"  {'x ' if row.get(lvl) == 'committed' else '. '}" for lvl in levels)
+            typer.echo(f"{shard}{marks}")
+
+
+@app.command("make-sample")
+@friendly
+def make_sample(
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder to write the tar into.")],
+    images: Annotated[int, typer.Option(help="How many photographs (max 6).")] = 6,
+    profile: Annotated[str, typer.Option(help="Profile whose segmenter makes the masks.")] = "lite",
+    shard: Annotated[str, typer.Option(help="Shard id (tar stem).")] = "sa_000000",
+    start: Annotated[int, typer.Option(help="First image number (ids sa_START ...).")] = 1,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Write an SA-1B-format tar from scikit-image photographs, masks from the lite segmenter."""
+    from tqdm import tqdm
+
+    from grand_pipeline.config import load_config
+    from grand_pipeline.sample import make_sample as build
+
+    _setup_logging(verbose)
+    cfg = load_config(profile)
+    with tqdm(total=images, desc="sample", unit="img", file=sys.stderr) as bar:
+        path = build(output, cfg, images=images, shard_id=shard, progress=lambda: bar.update(1), start=start)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+@friendly
+def show(
+    output: Annotated[str, typer.Option("--output", "-o")],
+    image: Annotated[str, typer.Option(help="Image id, e.g. sa_1.")],
+    to: Annotated[str, typer.Option(help="PNG file to write.")],
+    level: Annotated[int | None, typer.Option(help="Level to draw (default: highest committed).")] = None,
+) -> None:
+    """Render an image's masks, boxes and labels."""
+    from grand_pipeline.show import render
+
+    path = render(output, image, to, level)
+    typer.echo(f"wrote {path}")
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
