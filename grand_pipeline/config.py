@@ -77,6 +77,9 @@ class Level1Config:
     person: PersonRules = field(default_factory=PersonRules)
     mask_iou: float = 0.65
     """An SA-1B mask is attached when its box IoU with the object box reaches this."""
+    mask_containment: float = 0.8
+    """...and when at least this share of its pixels lies inside the object box. Box IoU alone
+    accepts a whole-image blob for an object that fills most of the frame."""
     region_min_area: float = 0.01
     """Region proposals smaller than this fraction of the image are not classified."""
     floating_attribute_iou: float = 0.65
@@ -104,7 +107,8 @@ class EngineConfig:
     max_in_flight_per_actor: int = 2
     max_shard_retries: int = 2
     torch_threads: int = 0
-    """0 leaves torch's default."""
+    """Threads per actor for torch; 0 means the pool's ``num_cpus``. Outputs are bit-identical
+    only for the same thread count."""
 
 
 @dataclass
@@ -267,7 +271,7 @@ def _validate(obj: Any, prefix: str) -> None:
         return ConfigError(f"{prefix + '.' if prefix else ''}{name}: {why}")
 
     if isinstance(obj, Level1Config):
-        for name in ("nms_iou", "vote_iou", "mask_iou", "tag_threshold", "floating_attribute_iou"):
+        for name in ("nms_iou", "vote_iou", "mask_iou", "mask_containment", "tag_threshold", "floating_attribute_iou"):
             if not 0.0 <= getattr(obj, name) <= 1.0:
                 raise bad(name, "must be within [0, 1]")
         if obj.min_models < 1:

@@ -114,3 +114,19 @@ def test_unmatched_hand_made() -> None:
     np.testing.assert_array_equal(unmatched(query, cands, 0.5), [False, False, True])
     np.testing.assert_array_equal(unmatched(query, cands, 0.6), [True, False, True])
     np.testing.assert_array_equal(unmatched(np.zeros((0, 4)), cands, 0.5), [True, True, True])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fraction_inside_matches_pixel_loop(seed: int) -> None:
+    from grand_pipeline.geometry.matching import fraction_inside
+
+    rng = np.random.default_rng(seed)
+    masks = rng.random((5, 23, 31)) > 0.6
+    masks[4] = False
+    boxes = np.sort(rng.uniform(0, 31, (5, 4)), axis=1)[:, [0, 1, 2, 3]]
+    expected = []
+    for mask, (x1, y1, x2, y2) in zip(masks, boxes, strict=True):
+        ys, xs = np.nonzero(mask)
+        inside = (xs + 0.5 >= x1) & (xs + 0.5 <= x2) & (ys + 0.5 >= y1) & (ys + 0.5 <= y2)
+        expected.append(inside.mean() if len(xs) else 0.0)
+    np.testing.assert_allclose(fraction_inside(masks, boxes), expected)

@@ -353,6 +353,20 @@ def test_masks_prefer_sa1b_and_segment_only_the_rest_once_per_image():
     np.testing.assert_array_equal(segmenter.calls[1], [[10, 10, 40, 40]])
 
 
+def test_masks_reject_an_sa1b_mask_that_spills_out_of_the_box():
+    segmenter = FakeSegmenter()
+    blob = np.zeros((H, W), bool)
+    blob[0:200, 0:200] = True  # box [0,0,200,200] matches the object box at IoU 0.72 ...
+    blob[150:200, 0:50] = True
+    spilling = region([0, 0, 200, 200])
+    spilling.rle = rle.encode(blob)[0]
+    rec = record(regions=[spilling], objects=[obj([30, 30, 200, 200])], floating_objects=[])
+    MaskStage(make_cfg(mask_iou=0.65, mask_containment=0.8), FakeHub(segmenter=segmenter))([rec])
+    # ... but 27.75% of its pixels lie outside it, so the segmenter is asked instead.
+    assert rec.fields["objects"][0]["segmentation_source"] == "segmenter:fake_segmenter"
+    assert len(segmenter.calls) == 1
+
+
 def test_masks_bad_segmenter_output_becomes_an_error_row():
     class Broken(FakeSegmenter):
         def segment(self, image, boxes):

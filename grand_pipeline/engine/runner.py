@@ -37,10 +37,11 @@ def level_spec(level: int):
 
 class LevelRunner:
     def __init__(self, cfg: GrandConfig, level: int, metrics: PipelineMetrics | None = None) -> None:
-        if cfg.engine.torch_threads:
-            import torch
+        import torch
 
-            torch.set_num_threads(cfg.engine.torch_threads)
+        # Float results of some kernels depend on the thread count, so it is fixed from config:
+        # the same config gives the same bytes whether the shard ran locally or in an actor.
+        torch.set_num_threads(cfg.engine.torch_threads or max(1, round(cfg.pool(level).num_cpus)))
         self.cfg = cfg
         self.level = level
         self.spec = level_spec(level)

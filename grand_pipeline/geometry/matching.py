@@ -58,3 +58,28 @@ def unmatched(query: ArrayLike, candidates: ArrayLike, iou_threshold: float) -> 
     if q.shape[0] == 0:
         return np.ones(c.shape[0], dtype=bool)
     return ~(box_iou(q, c) >= iou_threshold).any(axis=0)
+
+
+def fraction_inside(masks: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Share of each mask's pixels that lie inside its paired box.
+
+    Args:
+        masks: (N, H, W) bool.
+        boxes: (N, 4) float xyxy, pixel edges; box i is paired with mask i.
+
+    Returns:
+        (N,) float64 in [0, 1]; 0 for an empty mask.
+    """
+    masks = np.asarray(masks, dtype=bool)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if masks.shape[0] != boxes.shape[0]:
+        raise ValueError(f"{masks.shape[0]} masks but {boxes.shape[0]} boxes")
+    height, width = masks.shape[1:]
+    # Pixel (y, x) covers [x, x+1) x [y, y+1); count it inside when its centre is.
+    xs = np.arange(width) + 0.5
+    ys = np.arange(height) + 0.5
+    in_x = (xs[None, :] >= boxes[:, 0:1]) & (xs[None, :] <= boxes[:, 2:3])  # (N, W)
+    in_y = (ys[None, :] >= boxes[:, 1:2]) & (ys[None, :] <= boxes[:, 3:4])  # (N, H)
+    inside = np.einsum("nhw,nh,nw->n", masks, in_y, in_x, dtype=np.int64, optimize=True)
+    total = masks.reshape(masks.shape[0], -1).sum(axis=1)
+    return np.where(total > 0, inside / np.maximum(total, 1), 0.0)

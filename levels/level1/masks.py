@@ -2,7 +2,9 @@
 
 Order, as in the reference: the SA-1B mask whose box best overlaps the object (IoU >= ``mask_iou``)
 first, since those masks are human-verified quality; then one box-prompted segmenter call per
-image for everything left.
+image for everything left. Unlike the reference, a matched mask must also lie mostly inside the
+object box (``mask_containment``): for an object that fills most of the frame, a whole-image mask
+passes the box-IoU test alone.
 
 Unlike the reference we keep the object's own box when an SA-1B mask is attached. The reference
 replaced it with the SAM box, which discards the detector evidence the vote fused; the mask already
@@ -18,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from grand_pipeline.geometry import rle
-from grand_pipeline.geometry.matching import match_boxes
+from grand_pipeline.geometry.matching import fraction_inside, match_boxes
 from grand_pipeline.stage import ImageRecord, Stage
 from levels.level1.common import all_objects, image_size, object_boxes, plain_rle, region_boxes
 
@@ -63,6 +65,11 @@ class MaskStage(Stage):
         if not record.regions:
             return np.zeros(len(objects), dtype=bool)
         idx, _ = match_boxes(boxes, region_boxes(record.regions), self.cfg.level1.mask_iou)
+        hits = np.flatnonzero(idx >= 0)
+        if len(hits):
+            masks = rle.decode([record.regions[int(idx[i])].rle for i in hits])
+            spill = fraction_inside(masks, boxes[hits]) < self.cfg.level1.mask_containment
+            idx[hits[spill]] = -1
         for obj, k in zip(objects, idx, strict=True):
             if k >= 0:
                 obj["segmentation"] = plain_rle(record.regions[int(k)].rle)

@@ -1,0 +1,79 @@
+"""The real lite models end to end on real photographs, through the Ray executor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from grand_pipeline.config import load_config
+from grand_pipeline.engine.driver import RunRequest, run
+from grand_pipeline.geometry import rle
+from grand_pipeline.geometry.boxes import box_iou
+from grand_pipeline.sample import make_sample
+from grand_pipeline.show import render
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lite_output(tmp_path_factory) -> Path:
+    cfg = load_config("lite")
+    root = tmp_path_factory.mktemp("lite")
+    make_sample(str(root / "input"), cfg, images=2)  # sa_1 astronaut, sa_2 coffee
+    summary = run(cfg, RunRequest(str(root / "input"), str(root / "out"), [1]), executor="ray")
+    assert summary.committed == {1: 1} and not summary.failed
+    return root / "out"
+
+
+def _rows(out: Path) -> dict[str, dict]:
+    table = pq.read_table(out / "level1" / "sa_000000.parquet", use_threads=False)
+    return {row["image_id"]: row for row in table.to_pylist()}
+
+
+def _find(row: dict, label: str) -> dict:
+    hits = [o for o in row["objects"] + row["floating_objects"] if label in o["labels"]]
+    assert hits, f"no {label!r} among {[o['labels'] for o in row['objects'] + row['floating_objects']]}"
+    return max(hits, key=lambda o: o["score"])
+
+
+@pytest.mark.parametrize(
+    "image_id, label, box",
+    [("sa_1", "person", [14, 14, 364, 507]), ("sa_2", "cup", [147, 10, 426, 398])],
+)
+def test_object_is_detected_and_masked(lite_output: Path, image_id, label, box) -> None:
+    row = _rows(lite_output)[image_id]
+    assert row["status"] == "ok", row["error"]
+    obj = _find(row, label)
+    assert box_iou(np.asarray([obj["bbox"]]), np.asarray([box], float))[0, 0] > 0.7
+    assert obj["segmentation"] is not None and obj["segmentation_source"]
+    mask = rle.decode_one(obj["segmentation"])
+    x1, y1, x2, y2 = (int(v) for v in box)
+    inside = mask[y1:y2, x1:x2].sum() / max(mask.sum(), 1)
+    assert mask.sum() > 0.2 * (x2 - x1) * (y2 - y1) and inside > 0.8
+    assert obj["depth"] is not None
+    assert row["tags"], "the tagger gave no tags"
+
+
+def test_person_is_an_object_by_the_person_rule(lite_output: Path) -> None:
+    person = _find(_rows(lite_output)["sa_1"], "person")
+    assert person in _rows(lite_output)["sa_1"]["objects"]
+    assert "nanodet" in person["models"]
+
+
+def test_provenance_labels_heuristics(lite_output: Path) -> None:
+    backends = _rows(lite_output)["sa_2"]["provenance"]["backends"]
+    flags = {b["backend"]: b["heuristic"] for b in backends}
+    assert flags["ground_plane"] is True and flags["colour_tagger"] is True
+    assert flags["nanodet_onnx"] is False and flags["litemedsam"] is False
+
+
+def test_show_draws_the_cup(lite_output: Path, tmp_path: Path) -> None:
+    png = render(str(lite_output), "sa_2", str(tmp_path / "coffee.png"))
+    from PIL import Image
+
+    with Image.open(png) as img:
+        pixels = np.asarray(img.convert("RGB"))
+    assert pixels.shape[1] == 600 and pixels.shape[0] > 400
