@@ -47,6 +47,12 @@ class ModelsConfig:
     depth: ModelSpec
     region_captioner: ModelSpec
     text_embedder: ModelSpec | None = None
+    captioner: ModelSpec | None = None
+    phrase_extractor: ModelSpec | None = None
+    grounder: ModelSpec | None = None
+    landmark_classifier: ModelSpec | None = None
+    label_assigner: ModelSpec | None = None
+    llm: ModelSpec | None = None
 
 
 @dataclass
@@ -88,6 +94,39 @@ class Level1Config:
 
 
 @dataclass
+class Level2Config:
+    grounding_iou: float = 0.75
+    """A grounding box matches an object above this IoU; unmatched ones become floating objects."""
+    promote_min_labels: int = 2
+    """A floating object with at least this many distinct labels is promoted to an object."""
+    max_phrases: int = 16
+
+
+@dataclass
+class Level3Config:
+    layer_thresholds: list[float] = field(default_factory=lambda: [0.1, 0.6, 0.85])
+    """Normalised depth bounds of immediate foreground / foreground / midground (0 = nearest)."""
+    group_radius: float = 0.2
+    """Objects of a layer within this fraction of the image diagonal of a seed share its group."""
+    max_objects: int = 100
+    max_attempts: int = 3
+    temperature: float = 0.7
+    max_new_tokens: int = 200
+    embedding_match: float = 0.75
+    """Cosine similarity above which a caption phrase is grounded by embedding match."""
+
+
+@dataclass
+class Level4Config:
+    max_objects: int = 30
+    max_attempts: int = 3
+    temperature: float = 0.7
+    max_new_tokens: int = 320
+    min_sentences: int = 5
+    max_sentences: int = 7
+
+
+@dataclass
 class PoolConfig:
     num_actors: int = 1
     num_cpus: float = 1.0
@@ -118,6 +157,9 @@ class GrandConfig:
     plugins: list[str] = field(default_factory=list)
     """Modules imported in every actor before models load; they register extra backends."""
     level1: Level1Config = field(default_factory=Level1Config)
+    level2: Level2Config = field(default_factory=Level2Config)
+    level3: Level3Config = field(default_factory=Level3Config)
+    level4: Level4Config = field(default_factory=Level4Config)
     pools: dict[str, PoolConfig] = field(default_factory=lambda: {"level1": PoolConfig()})
     engine: EngineConfig = field(default_factory=EngineConfig)
 

@@ -72,7 +72,87 @@ LEVEL1_FIELDS = [
     pa.field("depth_source", pa.string()),
 ]
 
-_LEVEL_FIELDS: dict[int, list[pa.Field]] = {1: LEVEL1_FIELDS}
+DETAIL = pa.struct(
+    [
+        ("phrase", pa.string()),
+        ("tokens_positive", pa.list_(pa.int32())),
+        ("ids", pa.list_(pa.int32())),
+        ("method", pa.string()),
+    ]
+)
+ATTEMPT = pa.struct(
+    [
+        ("attempt", pa.int32()),
+        ("text", pa.string()),
+        ("passed", pa.bool_()),
+        ("issues", pa.list_(pa.string())),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+    ]
+)
+
+LEVEL2_FIELDS = [
+    pa.field("short_captions", pa.list_(pa.struct([("caption", pa.string()), ("source", pa.string())]))),
+    pa.field(
+        "phrases",
+        pa.list_(
+            pa.struct(
+                [
+                    ("phrase", pa.string()),
+                    ("caption_index", pa.int32()),
+                    ("start", pa.int32()),
+                    ("end", pa.int32()),
+                ]
+            )
+        ),
+    ),
+    pa.field(
+        "relationships",
+        pa.struct(
+            [("grounding", pa.list_(pa.struct([("phrase", pa.string()), ("object_ids", pa.list_(pa.int32()))])))]
+        ),
+    ),
+    pa.field(
+        "landmark",
+        pa.struct([("category", pa.string()), ("fine_category", pa.string()), ("score", pa.float32())]),
+    ),
+]
+
+LEVEL3_FIELDS = [
+    pa.field("scene_graph", pa.string()),
+    pa.field(
+        "dense_caption",
+        pa.struct(
+            [
+                ("caption", pa.string()),
+                ("details", pa.list_(DETAIL)),
+                ("verified", pa.bool_()),
+                ("attempts", pa.list_(ATTEMPT)),
+            ]
+        ),
+    ),
+    pa.field(
+        "short_captions_grounded",
+        pa.list_(pa.struct([("caption", pa.string()), ("details", pa.list_(DETAIL))])),
+    ),
+]
+
+LEVEL4_FIELDS = [
+    pa.field(
+        "additional_context",
+        pa.struct([("text", pa.string()), ("verified", pa.bool_()), ("attempts", pa.list_(ATTEMPT))]),
+    ),
+]
+
+# Rows are cumulative: level N carries every column of level N-1, so level N+1 and the export
+# read a single file per shard.
+_LEVEL_FIELDS: dict[int, list[pa.Field]] = {
+    1: LEVEL1_FIELDS,
+    2: LEVEL1_FIELDS + LEVEL2_FIELDS,
+    3: LEVEL1_FIELDS + LEVEL2_FIELDS + LEVEL3_FIELDS,
+    4: LEVEL1_FIELDS + LEVEL2_FIELDS + LEVEL3_FIELDS + LEVEL4_FIELDS,
+}
 
 
 def level_schema(level: int) -> pa.Schema:
@@ -86,6 +166,7 @@ def declared_levels() -> list[int]:
     return sorted(_LEVEL_FIELDS)
 
 
-def register_level_fields(level: int, fields: list[pa.Field]) -> None:
-    """Levels 2-4 declare their columns here when they are added."""
-    _LEVEL_FIELDS[level] = fields
+def level_fields(level: int) -> list[pa.Field]:
+    """Only the columns that ``level`` adds to level N-1's."""
+    own = _LEVEL_FIELDS[level]
+    return own[len(_LEVEL_FIELDS[level - 1]) :] if level > 1 else own

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +21,8 @@ from grand_pipeline.models.roles import Backend, Region
 from grand_pipeline.schemas import STATUS_ERROR, STATUS_OK
 
 logger = logging.getLogger(__name__)
+
+B = TypeVar("B", bound=Backend)
 
 #: Record attributes a stage may require besides ``fields``.
 RECORD_ATTRIBUTES = ("image", "regions", "width", "height")
@@ -50,6 +52,13 @@ class ImageRecord:
     backends: list[dict[str, Any]] = field(default_factory=list)
 
     @property
+    def pixels(self) -> np.ndarray:
+        """The decoded image; stages that declare ``requires["image"]`` may rely on it."""
+        if self.image is None:
+            raise ValueError(f"image {self.image_id} was not decoded")
+        return self.image
+
+    @property
     def ok(self) -> bool:
         return self.status == STATUS_OK
 
@@ -77,6 +86,13 @@ class Stage:
     def __init__(self, cfg: Any, hub: Any) -> None:
         self.cfg = cfg
         self.backends: dict[str, Backend] = {key: hub.get(key) for key in self.models}
+
+    def backend(self, key: str, role: type[B]) -> B:
+        """The loaded backend under ``key``, checked to implement ``role``."""
+        found = self.backends[key]
+        if not isinstance(found, role):
+            raise TypeError(f"stage {self.name!r}: {key} is a {type(found).__name__}, not a {role.__name__}")
+        return found
 
     def process(self, records: list[ImageRecord]) -> None:
         """Fill ``provides`` keys on every record (all are ``ok`` and meet ``requires``)."""

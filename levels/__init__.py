@@ -1,3 +1,7 @@
-"""Stage logic per level. Importing this package registers every built-in level."""
+"""Stage logic per level (``level1`` ... ``level4``). Importing this package registers every level."""
 
-from levels import level1  # noqa: F401
+import sys
+
+from grand_pipeline.discovery import import_submodules
+
+import_submodules(sys.modules[__name__])

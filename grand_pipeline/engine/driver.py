@@ -136,7 +136,7 @@ def run(
             ready = _fill(backend, ready, waiting)
             for outcome in backend.wait():
                 waiting[outcome.level] -= 1
-                follow = _finish(cfg, store, outcome, attempt, retries, summary, emit, models)
+                follow = _finish(cfg, store, outcome, attempt, retries, summary, emit, models, backend.metrics)
                 if follow is not None:
                     ready.append(follow)
                 elif outcome.table is not None and outcome.level + 1 in request.levels:
@@ -161,13 +161,14 @@ def _fill(backend, ready: deque, waiting: dict[int, int]) -> deque:
     return held
 
 
-def _finish(cfg, store, outcome: Outcome, attempt, retries, summary, emit, models):
+def _finish(cfg, store, outcome: Outcome, attempt, retries, summary, emit, models, metrics):
     """Commit a finished shard, or return it for a retry while the retry budget lasts."""
     key = (outcome.level, outcome.ref.shard_id)
     if outcome.table is None:
         retries[key] = retries.get(key, 0) + 1
         emit({"type": "shard_error", "level": outcome.level, "shard": outcome.ref.shard_id,
               "error": outcome.error, "retry": retries[key]})
+        metrics.shard_failed(outcome.level)
         if retries[key] <= cfg.engine.max_shard_retries:
             logger.warning("level %d shard %s failed (%s); retry %d",
                            outcome.level, outcome.ref.shard_id, outcome.error, retries[key])
@@ -178,6 +179,8 @@ def _finish(cfg, store, outcome: Outcome, attempt, retries, summary, emit, model
     stats["attempt_retries"] = retries.get(key, 0)
     committed = store.commit(outcome.level, outcome.ref.shard_id, outcome.table, stats, attempt)
     models.update(stats.get("models", {}))
+    if committed:
+        metrics.shard_committed(outcome.level)
     summary.committed[outcome.level] = summary.committed.get(outcome.level, 0) + int(committed)
     marker = store.marker(outcome.level, outcome.ref.shard_id) or {}
     emit({"type": "committed", "level": outcome.level, "shard": outcome.ref.shard_id,

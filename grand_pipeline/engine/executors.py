@@ -36,6 +36,12 @@ class Outcome:
 
 
 class Executor:
+    metrics: PipelineMetrics
+
+    def __init__(self, cfg: GrandConfig, output_uri: str) -> None:
+        self.cfg = cfg
+        self.output_uri = output_uri
+
     def capacity(self, level: int) -> int:
         raise NotImplementedError
 

@@ -19,7 +19,7 @@ from grand_pipeline.config import GrandConfig
 from grand_pipeline.engine.inputs import micro_batches, record_from_source
 from grand_pipeline.metrics import PipelineMetrics
 from grand_pipeline.models.hub import ModelHub
-from grand_pipeline.schemas import STATUS_OK
+from grand_pipeline.schemas import COMMON_FIELDS, STATUS_OK, level_schema
 from grand_pipeline.sources import iter_shard
 from grand_pipeline.sources.base import ShardRef
 from grand_pipeline.stage import ImageRecord
@@ -50,6 +50,9 @@ class LevelRunner:
         # Models load here, once per actor: every stage asks the shared hub.
         self.stages = [stage_cls(cfg, self.hub) for stage_cls in self.spec.stages]
         self.config_hash = cfg.content_hash()
+        common = {f.name for f in COMMON_FIELDS}
+        #: Columns of level N-1 that level N copies forward unless its stages replace them.
+        self.carried = [f.name for f in level_schema(level - 1) if f.name not in common] if level > 1 else []
 
     def models(self) -> dict[str, dict[str, Any]]:
         return self.hub.loaded()
@@ -73,6 +76,10 @@ class LevelRunner:
                 if self.spec.needs_pixels:
                     record.fail("read", "image no longer in the source shard")
             record.file_name, record.width, record.height = row["file_name"], row["width"], row["height"]
+            # Rows are cumulative: everything level N-1 wrote travels on in ``fields``.
+            record.fields.update({name: row[name] for name in self.carried})
+            record.fields["prompt_versions"] = list(row["provenance"]["prompt_versions"] or [])
+            record.backends = list(row["provenance"]["backends"] or [])
             if row["status"] != STATUS_OK:
                 record.fail(row["error_stage"] or "previous", f"level {self.level - 1}: {row['error']}")
             elif self.spec.from_previous is not None:
@@ -124,5 +131,6 @@ class LevelRunner:
                 "prompt_versions": record.fields.get("prompt_versions", []),
             },
         }
+        row.update({name: record.fields.get(name) for name in self.carried})
         row.update(self.spec.to_row(record))
         return row

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any
 
-from grand_pipeline.config import ModelSpec, ModelsConfig
+from grand_pipeline.config import ModelsConfig, ModelSpec
 from grand_pipeline.models.roles import BACKENDS, Backend
 from grand_pipeline.models.weights import ModelSourceError
 

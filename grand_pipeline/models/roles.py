@@ -158,3 +158,96 @@ class TextEmbedder(Backend):
     def embed(self, texts: list[str]) -> np.ndarray:
         """L2-normalised sentence embeddings, float32 (N, D)."""
         raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- text roles (levels 2-4)
+
+
+@dataclass
+class ChatPrompt:
+    """A chat-formatted prompt; ``prefix_key`` names a shared in-context prefix (batching, caching)."""
+
+    messages: list[dict[str, str]]
+    max_new_tokens: int = 256
+    prefix_key: str = ""
+
+
+@dataclass
+class Generation:
+    """One LLM answer. ``finish_reason`` is ``stop``, ``length`` or ``error`` (then ``error`` says why)."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class LLM(Backend):
+    context_length: int = 2048
+
+    def count_tokens(self, prompt: ChatPrompt) -> int:
+        raise NotImplementedError
+
+    def generate(
+        self, prompts: list[ChatPrompt], *, temperature: float = 0.0, seed: int = 0
+    ) -> list[Generation]:
+        """One Generation per prompt, in order. A prompt whose tokens plus ``max_new_tokens``
+        exceed ``context_length`` gets an ``error`` Generation without running; the rest still run."""
+        raise NotImplementedError
+
+
+class Captioner(Backend):
+    def caption(self, images: list[np.ndarray], context: list[dict[str, Any]]) -> list[list[str]]:
+        """Short captions per image; ``context[i]`` has ``tags`` and ``objects`` (label strings)."""
+        raise NotImplementedError
+
+
+@dataclass
+class Phrase:
+    """``text == source[start:end]``; ``root`` is the head noun's lemma."""
+
+    text: str
+    start: int
+    end: int
+    root: str
+
+
+class PhraseExtractor(Backend):
+    def phrases(self, texts: list[str]) -> list[list[Phrase]]:
+        raise NotImplementedError
+
+    def nouns(self, text: str) -> list[Phrase]:
+        """Single noun tokens, for the noun fallback of caption grounding."""
+        raise NotImplementedError
+
+
+@dataclass
+class Grounding:
+    phrase: str
+    box: np.ndarray
+    score: float
+
+
+class Grounder(Backend):
+    def ground(
+        self, image: np.ndarray | None, phrases: list[str], objects: list[dict[str, Any]]
+    ) -> list[Grounding | None]:
+        """One grounding (or None) per phrase; ``objects`` are the image's object dicts."""
+        raise NotImplementedError
+
+
+class LandmarkClassifier(Backend):
+    def classify(
+        self, images: list[np.ndarray | None], texts: list[str]
+    ) -> list[tuple[str, str, float]]:
+        """(category, fine_category, score) per image over ``grand_pipeline.taxonomy``."""
+        raise NotImplementedError
+
+
+class LabelAssigner(Backend):
+    def assign(
+        self, image: np.ndarray | None, boxes: np.ndarray, candidates: list[list[str]], context: str
+    ) -> list[str]:
+        """One label per box, chosen among that box's candidates."""
+        raise NotImplementedError

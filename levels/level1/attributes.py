@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from grand_pipeline.geometry.matching import unmatched
-from grand_pipeline.models.roles import Region
+from grand_pipeline.models.roles import Region, RegionCaptioner
 from grand_pipeline.schemas import FLOATING_ATTRIBUTE
 from grand_pipeline.stage import ImageRecord, Stage
 from levels.level1.common import (
@@ -87,11 +87,11 @@ class AttributeStage(Stage):
         self, record: ImageRecord, items: list[tuple[Any, Any]], height: int, width: int
     ) -> list[str]:
         """One phrase per (segmentation, box) item; masks are built a chunk at a time (memory)."""
-        captioner = self.backends["region_captioner"]
+        captioner = self.backend("region_captioner", RegionCaptioner)
         phrases: list[str] = []
         for start, masks in iter_mask_chunks(items, height, width):
             boxes = np.asarray([items[start + k][1] for k in range(len(masks))], dtype=np.float32)
-            out = captioner.describe_regions(record.image, boxes, masks)
+            out = captioner.describe_regions(record.pixels, boxes, masks)
             if len(out) != len(masks):
                 raise ValueError(f"region captioner returned {len(out)} phrases for {len(masks)} boxes")
             phrases.extend(str(p).strip() for p in out)

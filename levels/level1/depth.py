@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from grand_pipeline.geometry.depth import median_in_masks
+from grand_pipeline.models.roles import DepthEstimator
 from grand_pipeline.stage import ImageRecord, Stage
 from levels.level1.common import all_objects, backend_source, image_size, iter_mask_chunks, round_score
 
@@ -34,8 +35,8 @@ class DepthStage(Stage):
     fills: ClassVar[tuple[str, ...]] = ("depth",)
 
     def process(self, records: list[ImageRecord]) -> None:
-        backend = self.backends["depth"]
-        maps = backend.depth([r.image for r in records])
+        backend = self.backend("depth", DepthEstimator)
+        maps = backend.depth([r.pixels for r in records])
         if len(maps) != len(records):
             raise ValueError(f"depth backend returned {len(maps)} maps for {len(records)} images")
         source = backend_source(backend)

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from grand_pipeline.models.roles import Backend, Detections
+from grand_pipeline.models.roles import Backend, Detections, Detector
 from grand_pipeline.stage import ImageRecord, Stage
 
 logger = logging.getLogger(__name__)
@@ -53,11 +53,11 @@ class DetectStage(Stage):
         }
 
     def process(self, records: list[ImageRecord]) -> None:
-        images = [r.image for r in records]
+        images = [r.pixels for r in records]
         context = [{"tags": [t["name"] for t in r.fields["tags"]], "regions": r.regions} for r in records]
         per_record: list[dict[str, Detections]] = [{} for _ in records]
-        for member, backend in self.backends.items():
-            results = backend.detect(images, context)
+        for member in self.backends:
+            results = self.backend(member, Detector).detect(images, context)
             if len(results) != len(records):
                 raise ValueError(
                     f"detector {member!r} returned {len(results)} results for {len(records)} images"

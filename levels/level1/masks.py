@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from grand_pipeline.geometry import rle
 from grand_pipeline.geometry.matching import fraction_inside, match_boxes
+from grand_pipeline.models.roles import Segmenter
 from grand_pipeline.stage import ImageRecord, Stage
 from levels.level1.common import all_objects, image_size, object_boxes, plain_rle, region_boxes
 
@@ -45,7 +46,7 @@ class MaskStage(Stage):
 
     def __init__(self, cfg: Any, hub: Any) -> None:
         super().__init__(cfg, hub)
-        self.segmenter = self.backends["segmenter"]
+        self.segmenter = self.backend("segmenter", Segmenter)
         self.segmenter_source = f"segmenter:{self.segmenter.backend}"
 
     def process(self, records: list[ImageRecord]) -> None:
@@ -78,7 +79,7 @@ class MaskStage(Stage):
 
     def segment(self, record: ImageRecord, objects: list[dict], boxes: np.ndarray) -> None:
         """One segmenter call for all ``objects`` of the image (one image embedding)."""
-        masks = np.asarray(self.segmenter.segment(record.image, boxes.astype(np.float32)))
+        masks = np.asarray(self.segmenter.segment(record.pixels, boxes.astype(np.float32)))
         expected = (len(objects), *image_size(record))
         if masks.shape != expected:
             raise ValueError(f"segmenter returned masks of shape {masks.shape}, expected {expected}")

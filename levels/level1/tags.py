@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import pyarrow as pa
 
-from grand_pipeline.models.roles import Tag
+from grand_pipeline.models.roles import Tag, Tagger
 from grand_pipeline.schemas import TAG
 from grand_pipeline.stage import ImageRecord, Stage
 from levels.level1.common import round_score
@@ -35,7 +35,7 @@ class TagStage(Stage):
 
     def process(self, records: list[ImageRecord]) -> None:
         level1 = self.cfg.level1
-        results = self.backends["tagger"].tag([r.image for r in records])
+        results = self.backend("tagger", Tagger).tag([r.pixels for r in records])
         if len(results) != len(records):
             raise ValueError(f"tagger returned {len(results)} results for {len(records)} images")
         for record, tags in zip(records, results, strict=True):

@@ -1,11 +1,8 @@
-"""Built-in backends. Importing this package registers them all in ``roles.BACKENDS``."""
+"""Built-in backends, one module each. Importing this package registers them all in
+``roles.BACKENDS``; a new module here is picked up without editing this file."""
 
-from grand_pipeline.models.backends import (  # noqa: F401
-    colour_attributes,
-    efficientnet_tagger,
-    ground_plane_depth,
-    litemedsam,
-    minilm,
-    nanodet,
-    region_tagger,
-)
+import sys
+
+from grand_pipeline.discovery import import_submodules
+
+import_submodules(sys.modules[__name__])
