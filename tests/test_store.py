@@ -208,7 +208,7 @@ def test_status_two_levels(tmp_path):
         1, "s2", make_table("s2", n=6, errors={1: "depth", 2: "tagger"}), {**STATS, "seconds": 4.0}, 1
     )
     # A second level with the same columns, declared just for this test.
-    schemas.register_level_fields(97, schemas.LEVEL1_FIELDS)
+    schemas._LEVEL_FIELDS[97] = schemas.LEVEL1_FIELDS
     try:
         store.commit(97, "s1", make_table("s1", n=2, level=97), {**STATS, "seconds": 0.0}, attempt=1)
         status = store.status(levels=[5])
