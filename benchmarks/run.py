@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import pycocotools.mask as coco_mask
@@ -46,6 +47,7 @@ from grand_pipeline.config import load_config
 from grand_pipeline.geometry import boxes as box_ops
 from grand_pipeline.geometry import rle
 from grand_pipeline.models.hub import ModelHub
+from grand_pipeline.models.roles import Segmenter, Tagger
 from grand_pipeline.sources.base import decode_image
 
 logger = logging.getLogger("benchmarks.run")
@@ -66,10 +68,21 @@ class Row:
         return self.baseline_s / self.ours_s
 
 
-def compare(name: str, baseline_fn: Callable[[], object], ours_fn: Callable[[], object], repeats: int) -> Row:
-    """Median wall time of each side over ``repeats`` interleaved runs, after one warm-up each."""
-    baseline_fn()
-    ours_fn()
+def compare(
+    name: str,
+    baseline_fn: Callable[[], Any],
+    ours_fn: Callable[[], Any],
+    repeats: int,
+    check: Callable[[Any, Any], None] | None = None,
+) -> Row:
+    """Median wall time of each side over ``repeats`` interleaved runs.
+
+    One untimed warm-up call of each side comes first; ``check(baseline_out, ours_out)`` gets
+    their outputs and should raise when the two sides disagree.
+    """
+    warm = baseline_fn(), ours_fn()
+    if check is not None:
+        check(*warm)
     times: dict[str, list[float]] = {"baseline": [], "ours": []}
     for _ in range(repeats):
         for side, fn in (("baseline", baseline_fn), ("ours", ours_fn)):
@@ -129,55 +142,62 @@ def naive_rle(mask: np.ndarray) -> dict[str, object]:
 def bench_nms(repeats: int) -> Row:
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 1000, size=(2000, 2))
-    wh = rng.uniform(10, 150, size=(2000, 2))
-    boxes = np.concatenate([xy, xy + wh], axis=1)
+    boxes = np.concatenate([xy, xy + rng.uniform(10, 150, size=(2000, 2))], axis=1)
     scores = rng.uniform(0, 1, size=2000)
     box_list, score_list = boxes.tolist(), scores.tolist()
-    ours = box_ops.nms(boxes, scores, 0.5)
-    assert ours.tolist() == naive_nms(box_list, score_list, 0.5), "NMS results differ"
-    logger.debug("nms keeps %d of 2000", len(ours))
+
+    def same(naive: list[int], ours: np.ndarray) -> None:
+        assert ours.tolist() == naive, "NMS kept different boxes"
+        logger.debug("nms keeps %d of 2000 boxes", len(naive))
+
     return compare(
         "NMS, 2000 boxes (Python loop)",
         lambda: naive_nms(box_list, score_list, 0.5),
         lambda: box_ops.nms(boxes, scores, 0.5),
         repeats,
+        same,
     )
 
 
 def bench_rle(repeats: int) -> Row:
     masks = np.stack([skdata.camera() > t for t in (50, 100, 150, 200)])  # 4 x 512 x 512, real edges
-    ours = rle.encode(masks)
     reference = coco_mask.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    for mask, mine, ref in zip(masks, ours, reference, strict=True):
-        assert mine["counts"] == naive_rle(mask)["counts"] == ref["counts"].decode(), "RLE differs"
+    expected = [r["counts"].decode() for r in reference]
+
+    def same(naive: list[dict[str, Any]], ours: list[dict[str, Any]]) -> None:
+        assert [r["counts"] for r in naive] == [r["counts"] for r in ours] == expected, "RLE differs"
+
     return compare(
         "RLE encode, 4 masks 512x512 (per-pixel loop)",
         lambda: [naive_rle(m) for m in masks],
         lambda: rle.encode(masks),
         repeats,
+        same,
     )
 
 
 def bench_segmenter(hub: ModelHub, repeats: int) -> Row:
-    seg = hub.get("segmenter")
+    seg = cast(Segmenter, hub.get("segmenter"))
     image = skdata.astronaut()
     rng = np.random.default_rng(1)
     corner = rng.uniform(0, 350, size=(16, 2))
     boxes = np.concatenate([corner, corner + rng.uniform(60, 160, size=(16, 2))], axis=1)
-    batched = seg.segment(image, boxes)
-    single = np.concatenate([seg.segment(image, b[None]) for b in boxes])
-    agreement = float((batched == single).mean())
-    assert agreement > 0.999, f"batched and per-box masks agree on only {agreement:.4%} of pixels"
+
+    def same(single: list[np.ndarray], batched: np.ndarray) -> None:
+        agreement = float((np.concatenate(single) == batched).mean())
+        assert agreement > 0.999, f"batched and per-box masks agree on only {agreement:.4%} of pixels"
+
     return compare(
         "segmenter, astronaut, 16 boxes (16 calls)",
         lambda: [seg.segment(image, b[None]) for b in boxes],
         lambda: seg.segment(image, boxes),
         repeats,
+        same,
     )
 
 
 def bench_tagger(hub: ModelHub, repeats: int) -> Row:
-    tagger = hub.get("tagger")
+    tagger = cast(Tagger, hub.get("tagger"))
     photos = [
         skdata.astronaut(),
         skdata.coffee(),
@@ -187,14 +207,16 @@ def bench_tagger(hub: ModelHub, repeats: int) -> Row:
         skdata.hubble_deep_field(),
     ]
     images = photos + photos[:2]
-    batched = tagger.tag(images)
-    single = [tagger.tag([im])[0] for im in images]
-    assert [t[0].label for t in batched] == [t[0].label for t in single], "top tags differ"
+
+    def same(single: list[list[list[Any]]], batched: list[list[Any]]) -> None:
+        assert [t[0][0].label for t in single] == [t[0].label for t in batched], "top tags differ"
+
     return compare(
         "tagger, 8 photos (8 calls of 1)",
         lambda: [tagger.tag([im]) for im in images],
         lambda: tagger.tag(images),
         repeats,
+        same,
     )
 
 
@@ -207,11 +229,15 @@ def bench_decode(repeats: int) -> Row:
         image = decode_image(jpeg, MAX_PIXELS)
         return [image for _ in range(STAGES)]
 
+    def same(per_stage: list[np.ndarray], ours: list[np.ndarray]) -> None:
+        assert all(np.array_equal(a, b) for a, b in zip(per_stage, ours, strict=True)), "decodes differ"
+
     return compare(
         f"decode JPEG 512x512, {STAGES} stages (decode per stage)",
         lambda: [decode_image(jpeg, MAX_PIXELS) for _ in range(STAGES)],
         shared,
         repeats,
+        same,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -44,6 +45,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _setup_logging(verbose: bool) -> None:
+    os.environ["GRAND_LOG_LEVEL"] = "INFO" if verbose else "WARNING"
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -199,7 +201,7 @@ def make_sample(
 def show(
     output: Annotated[str, typer.Option("--output", "-o")],
     image: Annotated[str, typer.Option(help="Image id, e.g. sa_1.")],
-    to: Annotated[str, typer.Option(help="PNG file to write.")],
+    to: Annotated[str, typer.Option(help="PNG file to write, or .html (image + coloured caption).")],
     level: Annotated[int | None, typer.Option(help="Level to draw (default: highest committed).")] = None,
 ) -> None:
     """Render an image's masks, boxes and labels."""
@@ -207,6 +209,23 @@ def show(
 
     path = render(output, image, to, level)
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+@friendly
+def export(
+    output: Annotated[str, typer.Option("--output", "-o", help="Output folder or URI of a run.")],
+    to: Annotated[str, typer.Option("--to", help="Local folder to write the files into.")],
+    format_: Annotated[str, typer.Option("--format", help="Export format, e.g. grand-json.")] = "grand-json",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Write the highest committed level as one file per image (error rows listed in a summary)."""
+    from grand_pipeline.export import SUMMARY_NAME
+    from grand_pipeline.export import export as run_export
+
+    _setup_logging(verbose)
+    count = run_export(output, format_, to)
+    typer.echo(f"exported {count} image(s) to {to} (summary: {SUMMARY_NAME})")
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m`

@@ -8,7 +8,7 @@ local executor and the shard markers use.
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, defaultdict
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class PipelineMetrics:
 
     def __init__(self, ray_enabled: bool = False) -> None:
         self.images: Counter[tuple[int, str, str]] = Counter()
-        self.stage_seconds: Counter[tuple[int, str]] = Counter()
+        self.stage_seconds: defaultdict[tuple[int, str], float] = defaultdict(float)
         self._ray: dict[str, Any] = {}
         if ray_enabled:
             self._ray = _ray_metrics()

@@ -99,8 +99,11 @@ class _LevelActor:
 
     def __init__(self, cfg: GrandConfig, level: int) -> None:
         import logging as _logging
+        import os
 
-        _logging.basicConfig(level=_logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        # Actors inherit the driver's environment; `grand run -v` raises this to INFO.
+        log_level = os.environ.get("GRAND_LOG_LEVEL", "WARNING")
+        _logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
         self.runner = LevelRunner(cfg, level, PipelineMetrics(ray_enabled=True))
 
     def ready(self) -> bool:

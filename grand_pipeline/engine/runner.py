@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,9 +67,9 @@ class LevelRunner:
         if self.spec.needs_pixels:
             sources = {item.image_id: item for item in iter_shard(ref)}
         for row in previous:
-            item = sources.get(row["image_id"])
-            if item is not None:
-                record = record_from_source(item, max_pixels)
+            source = sources.get(row["image_id"])
+            if source is not None:
+                record = record_from_source(source, max_pixels)
             else:
                 record = ImageRecord(image_id=row["image_id"], shard_id=row["shard_id"])
                 if self.spec.needs_pixels:
@@ -88,7 +87,7 @@ class LevelRunner:
 
     def run_shard(self, ref: ShardRef, output_uri: str) -> tuple[pa.Table, dict[str, Any]]:
         start = time.perf_counter()
-        before = Counter(self.metrics.stage_seconds)
+        before = self.metrics.stage_seconds.copy()
         rows: list[dict[str, Any]] = []
         micro = self.cfg.pool(self.level).micro_batch
 

@@ -82,9 +82,7 @@ def normalise_depth(values: ArrayLike) -> np.ndarray:
     return out
 
 
-def depth_layers(
-    normalised: ArrayLike, thresholds: tuple[float, float, float] = (0.1, 0.6, 0.85)
-) -> list[str]:
+def depth_layers(normalised: ArrayLike, thresholds: tuple[float, ...] = (0.1, 0.6, 0.85)) -> list[str]:
     """Name the depth layer of each object.
 
     Arguments:

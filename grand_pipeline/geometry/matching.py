@@ -57,7 +57,7 @@ def unmatched(query: ArrayLike, candidates: ArrayLike, iou_threshold: float) -> 
     c = as_boxes(candidates, "candidates")
     if q.shape[0] == 0:
         return np.ones(c.shape[0], dtype=bool)
-    return ~(box_iou(q, c) >= iou_threshold).any(axis=0)
+    return ~np.asarray((box_iou(q, c) >= iou_threshold).any(axis=0))
 
 
 def fraction_inside(masks: np.ndarray, boxes: np.ndarray) -> np.ndarray:

@@ -315,7 +315,7 @@ def iou(rles_a: Sequence[RLE], rles_b: Sequence[RLE]) -> np.ndarray:
     if n == 0 or m == 0:
         return np.zeros((n, m), dtype=np.float64)
     # float32 sums of 0/1 are exact below 2**24 pixels; switch to float64 beyond.
-    dtype = np.float32 if a.shape[1] < 2**24 else np.float64
+    dtype: type[np.floating[Any]] = np.float32 if a.shape[1] < 2**24 else np.float64
     bf = b.astype(dtype)
     inter = np.empty((n, m), dtype=np.float64)
     for lo in range(0, n, 64):

@@ -76,7 +76,9 @@ def morphological_stability(masks: np.ndarray) -> np.ndarray:
     return out
 
 
-def _segment(segmenter: Any, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, ...]:
+def _segment(
+    segmenter: Any, image: np.ndarray, boxes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     if hasattr(segmenter, "segment_with_scores"):
         masks, iou_pred, stability = segmenter.segment_with_scores(image, boxes)
         return np.asarray(masks, bool), np.clip(np.asarray(iou_pred, np.float32), 0, 1), stability

@@ -64,6 +64,6 @@ class DetectStage(Stage):
                 )
             for out, dets in zip(per_record, results, strict=True):
                 out[member] = checked_detections(dets, member)
-        for record, dets in zip(records, per_record, strict=True):
-            record.fields["detections"] = dets
-            logger.debug("%s: %s", record.image_id, {m: len(d) for m, d in dets.items()})
+        for record, by_member in zip(records, per_record, strict=True):
+            record.fields["detections"] = by_member
+            logger.debug("%s: %s", record.image_id, {m: len(d) for m, d in by_member.items()})

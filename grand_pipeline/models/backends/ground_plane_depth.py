@@ -63,13 +63,13 @@ def contrast_cue(image: np.ndarray) -> np.ndarray:
     height, width = image.shape[:2]
     scale = min(1.0, CUE_SIDE / max(height, width))
     small_hw = (max(1, round(height * scale)), max(1, round(width * scale)))
-    small = np.asarray(Image.fromarray(image).resize(small_hw[::-1], Image.BILINEAR), np.float32)
+    small = np.asarray(Image.fromarray(image).resize(small_hw[::-1], Image.Resampling.BILINEAR), np.float32)
     grey = small @ _GREY / 255.0
     gy, gx = np.gradient(grey)
     cue = _box_mean(np.hypot(gx, gy).astype(np.float32), max(1, small_hw[1] // 50))
     peak = float(cue.max())
     cue = cue / peak if peak > 0 else np.zeros_like(cue)
-    full = Image.fromarray(cue).resize((width, height), Image.BILINEAR)
+    full = Image.fromarray(cue).resize((width, height), Image.Resampling.BILINEAR)
     return np.clip(np.asarray(full, np.float32), 0.0, 1.0)
 
 

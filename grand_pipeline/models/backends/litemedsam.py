@@ -22,7 +22,7 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -157,14 +157,18 @@ class LiteMedSAM(Segmenter):
         if n == 0:
             return masks, iou_pred, stability
         x, scale, new_h, new_w = self._preprocess(arr)
-        net = self.net
+        # nn.Module.__getattr__ is typed Tensor | Module; these three are submodules, and SAM's
+        # PromptEncoder adds get_dense_pe(), which nn.Module does not declare.
+        image_encoder = cast(torch.nn.Module, self.net.image_encoder)
+        prompt_encoder = cast(Any, self.net.prompt_encoder)
+        mask_decoder = cast(torch.nn.Module, self.net.mask_decoder)
         with torch.inference_mode():
-            embedding = net.image_encoder(x.to(self.device))  # (1, 256, 64, 64), once per image
-            dense_pe = net.prompt_encoder.get_dense_pe()
+            embedding = image_encoder(x.to(self.device))  # (1, 256, 64, 64), once per image
+            dense_pe = prompt_encoder.get_dense_pe()
             for lo in range(0, n, self.batch_size):
                 chunk = torch.from_numpy(boxes[lo : lo + self.batch_size] * scale).to(self.device)
-                sparse, dense = net.prompt_encoder(points=None, boxes=chunk[:, None, :], masks=None)
-                low_res, iou = net.mask_decoder(
+                sparse, dense = prompt_encoder(points=None, boxes=chunk[:, None, :], masks=None)
+                low_res, iou = mask_decoder(
                     image_embeddings=embedding,
                     image_pe=dense_pe,
                     sparse_prompt_embeddings=sparse,

@@ -150,7 +150,7 @@ class NanoDetONNX(Detector):
                 f"nanodet_onnx: expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}"
             )
         size = self.input_size
-        resized = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), np.float32)
+        resized = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR), np.float32)
         bgr = resized[:, :, ::-1]
         return np.ascontiguousarray(((bgr - MEAN_BGR) / STD_BGR).transpose(2, 0, 1))
 

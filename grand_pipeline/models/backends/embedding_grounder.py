@@ -1,0 +1,86 @@
+"""Grounder ``embedding_match``: a phrase grounds to the detected object whose text it resembles.
+
+The lite stand-in for GroundingDINO/MDETR (``heuristic = True``): no offline phrase grounder
+exists, so a phrase is compared, with the shared sentence embedder (MiniLM), to a short text per
+object made of its label, its candidate labels and its first attribute. The most similar object
+at cosine >= ``threshold`` grounds the phrase, with that object's box and score = the cosine.
+It can only point at boxes that level 1 found; it never proposes a new box.
+
+``shared_text_embedder`` is also used by the other embedding backends of levels 2 and 3.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from grand_pipeline.models.roles import Grounder, Grounding, TextEmbedder, register_backend
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.5
+
+
+def shared_text_embedder(hub: Any, options: dict[str, Any], owner: str) -> TextEmbedder:
+    """The hub's text embedder (key ``options["text_embedder"]``, default "text_embedder")."""
+    if hub is None:
+        raise ValueError(f"{owner} needs the ModelHub to reach the text embedder it shares")
+    key = str(options.get("text_embedder", "text_embedder"))
+    embedder = hub.get(key)
+    if not isinstance(embedder, TextEmbedder):
+        raise TypeError(f"{owner}: hub key {key!r} is not a text embedder")
+    return embedder
+
+
+def object_text(obj: dict[str, Any]) -> str:
+    """The text an object is matched by: label, other labels, first attribute (no duplicates)."""
+    parts = [obj.get("label"), *(obj.get("labels") or []), *(obj.get("attributes") or [])[:1]]
+    unique = dict.fromkeys(str(p).strip() for p in parts if p is not None and str(p).strip())
+    return ", ".join(unique)
+
+
+@register_backend("grounder", "embedding_match")
+class EmbeddingGrounder(Grounder):
+    """Phrase -> the most similar object's box, when the cosine similarity is high enough.
+
+    Options (``spec.options``): ``threshold`` (0.5, cosine), ``text_embedder`` hub key.
+    """
+
+    heuristic = True
+
+    def __init__(self, spec: Any, hub: Any = None) -> None:
+        super().__init__(spec, hub)
+        opts = dict(getattr(spec, "options", None) or {})
+        self.embedder = shared_text_embedder(hub, opts, "embedding_match")
+        self.threshold = float(opts.get("threshold", DEFAULT_THRESHOLD))
+        self.model_id = f"embedding_match({self.embedder.model_id})"
+        self.weights_id = getattr(self.embedder, "weights_id", "")
+
+    def ground(
+        self, image: np.ndarray | None, phrases: list[str], objects: list[dict[str, Any]]
+    ) -> list[Grounding | None]:
+        """One Grounding (box (4,) float64 xyxy of the chosen object) or None per phrase.
+
+        The image is not looked at. Ties go to the first object (objects come before floating
+        objects in the caller's list, so a voted object wins over a floating one).
+        """
+        if not phrases:
+            return []
+        texts = [object_text(obj) for obj in objects]
+        usable = [k for k, text in enumerate(texts) if text]
+        if not usable:
+            return [None] * len(phrases)
+        emb = self.embedder.embed([str(p) for p in phrases] + [texts[k] for k in usable])
+        sims = emb[: len(phrases)] @ emb[len(phrases) :].T  # unit vectors: cosine similarity
+        out: list[Grounding | None] = []
+        for phrase, row in zip(phrases, sims, strict=True):
+            best = int(np.argmax(row))  # first maximum on ties
+            score = float(row[best])
+            if score < self.threshold:
+                out.append(None)
+                continue
+            box = np.asarray(objects[usable[best]]["bbox"], dtype=np.float64).reshape(4)
+            out.append(Grounding(phrase=str(phrase), box=box, score=score))
+        return out

@@ -1,0 +1,178 @@
+"""``openai``: any OpenAI-compatible ``/chat/completions`` endpoint (a vLLM server, TGI, OpenAI).
+
+Only the standard library talks HTTP (``urllib.request``); prompts run as concurrent requests on
+a thread pool, because a serving engine batches concurrent requests itself (continuous batching)
+and that is where its throughput comes from.
+
+``spec.model`` is the served model name sent in each request. Options (``spec.options``):
+
+- ``base_url``: default ``http://127.0.0.1:8000/v1``.
+- ``api_key_env``: name of the environment variable holding the API key (default
+  ``OPENAI_API_KEY``); when unset or empty no ``Authorization`` header is sent (local servers).
+- ``concurrency``: requests in flight at once (default 16).
+- ``timeout_s`` (default 120), ``max_retries`` (default 3), ``backoff_s`` (default 0.5, doubled
+  per retry, capped at 30 s; a ``Retry-After`` header wins): retries cover HTTP 429, 5xx and
+  connection errors; other 4xx answers are final.
+- ``context_length``: the served model's context (default 4096).
+- ``tokenizer``: a local tokenizer folder with the served model's chat template. Then token
+  counts are exact. Without it ``count_tokens`` is an ESTIMATE (``llm_common.estimate_tokens``:
+  characters / 3.5 plus chat markup), deliberately on the high side so that the budget check
+  refuses rather than overflows; ``Generation.prompt_tokens`` always reports the server's count.
+
+A request that still fails after its retries becomes an ``error`` Generation; ``generate`` never
+raises for one prompt's failure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from grand_pipeline.models import llm_common
+from grand_pipeline.models.roles import LLM, ChatPrompt, Generation, register_backend
+from grand_pipeline.models.weights import ModelSourceError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+MAX_BACKOFF_S = 30.0
+
+
+class _Retryable(Exception):
+    """A failure worth another try; ``wait_s`` is the server's Retry-After, when it sent one."""
+
+    def __init__(self, message: str, wait_s: float | None = None) -> None:
+        super().__init__(message)
+        self.wait_s = wait_s
+
+
+def _map_finish_reason(reason: Any) -> str:
+    """OpenAI/vLLM finish reasons onto ours; ``abort``/``content_filter`` produced no usable answer."""
+    if reason in (None, "stop", "eos", "stop_sequence", "end_turn"):
+        return "stop"
+    if reason in ("length", "max_tokens"):
+        return "length"
+    return "error"
+
+
+@register_backend("llm", "openai")
+class OpenAICompatibleLLM(LLM):
+    """Chat completions over HTTP, ``concurrency`` requests at a time."""
+
+    def __init__(self, spec: Any, hub: Any = None) -> None:
+        super().__init__(spec, hub)
+        options = llm_common.options_of(spec)
+        if not getattr(spec, "model", ""):
+            raise ModelSourceError("openai: set models.llm.model to the served model name")
+        self.base_url = str(options.get("base_url", DEFAULT_BASE_URL)).rstrip("/")
+        self.url = f"{self.base_url}/chat/completions"
+        self.api_key = os.environ.get(str(options.get("api_key_env", "OPENAI_API_KEY")), "")
+        self.concurrency = max(1, int(options.get("concurrency", 16)))
+        self.timeout_s = float(options.get("timeout_s", 120.0))
+        self.max_retries = max(0, int(options.get("max_retries", 3)))
+        self.backoff_s = float(options.get("backoff_s", 0.5))
+        self.context_length = int(options.get("context_length", 4096))
+        self.tokenizer = None
+        if options.get("tokenizer"):
+            from transformers import AutoTokenizer
+
+            path = Path(str(options["tokenizer"])).expanduser()
+            if not path.is_dir():
+                raise ModelSourceError(f"openai: options.tokenizer {path} is not a local tokenizer folder")
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.model_id = str(spec.model)
+        # Served weights are not visible from here; the endpoint + revision is the best identity.
+        self.weights_id = f"{self.base_url}#{getattr(spec, 'revision', '') or 'unversioned'}"
+
+    def count_tokens(self, prompt: ChatPrompt) -> int:
+        """Exact with ``options.tokenizer``; otherwise a deliberately high estimate (see module doc)."""
+        if self.tokenizer is not None:
+            return len(llm_common.template_token_ids(self.tokenizer, prompt))
+        return llm_common.estimate_tokens(prompt)
+
+    def generate(
+        self, prompts: list[ChatPrompt], *, temperature: float = 0.0, seed: int = 0
+    ) -> list[Generation]:
+        admitted = llm_common.admit(prompts, self.count_tokens, self.context_length)
+        # Same order as the local backends: prefix groups together, so a server with prefix
+        # caching sees requests sharing a prefix close in time.
+        order = [
+            i
+            for batch in llm_common.plan_batches(admitted.runnable, prompts, admitted.counts, 1)
+            for i in batch
+        ]
+        if order:
+            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(order))) as pool:
+                results = pool.map(lambda i: self._complete(prompts[i], temperature, seed), order)
+                for i, generation in zip(order, results, strict=True):
+                    if generation.finish_reason == "error" and not generation.prompt_tokens:
+                        generation.prompt_tokens = admitted.counts[i]
+                    admitted.pending.set(i, generation)
+        return admitted.pending.done()
+
+    # ------------------------------------------------------------------------- one request
+
+    def _complete(self, prompt: ChatPrompt, temperature: float, seed: int) -> Generation:
+        """One chat completion with bounded retries; failures become an error Generation."""
+        body = json.dumps(
+            {
+                "model": self.model_id,
+                "messages": prompt.messages,
+                "max_tokens": int(prompt.max_new_tokens),
+                "temperature": float(temperature),
+                "seed": int(seed),
+            }
+        ).encode()
+        last_error = ""
+        for attempt in range(self.max_retries + 1):
+            try:
+                return self._parse(self._post(body))
+            except _Retryable as exc:
+                last_error = str(exc)
+                if attempt == self.max_retries:
+                    break
+                wait = exc.wait_s if exc.wait_s is not None else self.backoff_s * 2**attempt
+                logger.debug("retrying %s in %.2fs (%s)", self.url, wait, exc)
+                time.sleep(min(wait, MAX_BACKOFF_S))
+            except Exception as exc:  # final: bad request, unreadable answer
+                return llm_common.error_generation(f"{type(exc).__name__}: {exc}")
+        return llm_common.error_generation(f"gave up after {self.max_retries + 1} attempts: {last_error}")
+
+    def _post(self, body: bytes) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                return json.loads(response.read().decode("utf-8"))
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode("utf-8", "replace")[:300]
+            if exc.code in RETRY_STATUS:
+                retry_after = exc.headers.get("Retry-After") if exc.headers else None
+                wait = float(retry_after) if retry_after and retry_after.isdigit() else None
+                raise _Retryable(f"HTTP {exc.code}: {detail}", wait) from None
+            raise RuntimeError(f"HTTP {exc.code}: {detail}") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            raise _Retryable(f"connection failed: {exc}") from None
+
+    @staticmethod
+    def _parse(answer: dict[str, Any]) -> Generation:
+        choice = answer["choices"][0]
+        usage = answer.get("usage") or {}
+        reason = _map_finish_reason(choice.get("finish_reason"))
+        return Generation(
+            text=str((choice.get("message") or {}).get("content") or "").strip(),
+            finish_reason=reason,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            error=f"server finish_reason {choice.get('finish_reason')!r}" if reason == "error" else None,
+        )

@@ -1,0 +1,132 @@
+"""``vllm``: an in-process ``vllm.LLM`` engine, for GPU nodes.
+
+vLLM is imported lazily in ``__init__``: it is not a dependency of the pipeline, and a profile
+that names this backend on a machine without it fails with one clear ``ModelSourceError``.
+
+Engine arguments: ``model=spec.model`` (Hugging Face id or local path), ``revision``, ``dtype``
+(``float32`` in a spec means "engine default", i.e. ``auto``, since float32 is the CPU default
+that would be wasteful on a GPU), ``enable_prefix_caching=True`` (prompts sharing ``prefix_key``
+share their in-context examples, whose KV blocks are then computed once). Options:
+``gpu_memory_utilization`` (0.9), ``max_model_len`` (the model's own when unset),
+``tensor_parallel_size`` (1), ``load_format`` (e.g. ``"dummy"`` for random weights in a
+benchmark), ``seed`` (engine seed, 0), ``json_schema`` (constrain every answer to a JSON schema).
+
+Prompts are chat-templated and tokenised HERE with the engine's tokenizer and handed to the engine
+as token ids, so the count used by the budget check is exactly what the engine reads. Each request
+carries ``SamplingParams(seed=seed)``, so a prompt's sample depends on the prompt and seed only,
+not on what else runs in the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from grand_pipeline.models import llm_common
+from grand_pipeline.models.roles import LLM, ChatPrompt, Generation, register_backend
+from grand_pipeline.models.weights import ModelSourceError
+
+logger = logging.getLogger(__name__)
+
+MISSING = "vllm backend needs the vllm package (pip install vllm) on a GPU node"
+
+
+@register_backend("llm", "vllm")
+class VLLMEngineLLM(LLM):
+    """All runnable prompts go to the engine in one call; it schedules and batches them itself."""
+
+    def __init__(self, spec: Any, hub: Any = None) -> None:
+        super().__init__(spec, hub)
+        try:
+            import vllm
+            from vllm import SamplingParams
+        except ImportError:
+            raise ModelSourceError(MISSING) from None
+        if not getattr(spec, "model", ""):
+            raise ModelSourceError("vllm: set models.llm.model to a Hugging Face id or a local folder")
+        options = llm_common.options_of(spec)
+        dtype = getattr(spec, "dtype", "") or "auto"
+        engine_args: dict[str, Any] = {
+            "model": spec.model,
+            "revision": getattr(spec, "revision", "") or None,
+            "dtype": "auto" if dtype == "float32" else dtype,
+            "enable_prefix_caching": True,
+            "gpu_memory_utilization": float(options.get("gpu_memory_utilization", 0.9)),
+            "tensor_parallel_size": int(options.get("tensor_parallel_size", 1)),
+            "seed": int(options.get("seed", 0)),
+        }
+        if options.get("max_model_len"):
+            engine_args["max_model_len"] = int(options["max_model_len"])
+        if options.get("load_format"):
+            engine_args["load_format"] = str(options["load_format"])
+        logger.info("starting vLLM engine: %s", engine_args)
+        self.engine = vllm.LLM(**engine_args)
+        self._sampling_params = SamplingParams
+        self.tokenizer = self.engine.get_tokenizer()
+        self.context_length = int(self.engine.llm_engine.model_config.max_model_len)
+        self.json_schema = options.get("json_schema")
+        self._structured = None
+        if self.json_schema is not None:
+            # vLLM removed the ``guided_*`` SamplingParams fields (GuidedDecodingParams) in 2025
+            # (v0.12); structured output is now ``SamplingParams(structured_outputs=
+            # StructuredOutputsParams(json=schema))``.
+            from vllm.sampling_params import StructuredOutputsParams
+
+            self._structured = StructuredOutputsParams(json=self.json_schema)
+        self.model_id = str(spec.model)
+        self.weights_id = f"{spec.model}@{getattr(spec, 'revision', '') or 'default'}"
+        if engine_args.get("load_format") == "dummy":
+            self.weights_id += "+dummy"
+
+    def count_tokens(self, prompt: ChatPrompt) -> int:
+        """Tokens of the chat-templated prompt, with the engine's own tokenizer and template."""
+        return len(llm_common.template_token_ids(self.tokenizer, prompt))
+
+    def generate(
+        self, prompts: list[ChatPrompt], *, temperature: float = 0.0, seed: int = 0
+    ) -> list[Generation]:
+        admitted = llm_common.admit(prompts, self.count_tokens, self.context_length)
+        # One engine call over everything: vLLM's scheduler does the batching. The prefix-grouped
+        # order still helps, because requests that share a prefix then hit the cache while it is warm.
+        order = [
+            i for b in llm_common.plan_batches(admitted.runnable, prompts, admitted.counts, 1) for i in b
+        ]
+        if not order:
+            return admitted.pending.done()
+        requests = [
+            {"prompt_token_ids": llm_common.template_token_ids(self.tokenizer, prompts[i])} for i in order
+        ]
+        params = [self._params(prompts[i].max_new_tokens, temperature, seed) for i in order]
+        try:
+            outputs = self.engine.generate(requests, sampling_params=params, use_tqdm=False)
+        except Exception as exc:  # the engine failed the whole call: every prompt reports it
+            logger.exception("vLLM generate failed for %d prompts", len(order))
+            for i in order:
+                admitted.pending.set(i, llm_common.error_generation(f"vllm: {exc}", admitted.counts[i]))
+            return admitted.pending.done()
+        for i, output in zip(order, outputs, strict=True):
+            admitted.pending.set(i, self._to_generation(output, admitted.counts[i]))
+        return admitted.pending.done()
+
+    def _params(self, max_new_tokens: int, temperature: float, seed: int) -> Any:
+        kwargs: dict[str, Any] = {
+            "temperature": float(temperature),
+            "max_tokens": int(max_new_tokens),
+            "seed": int(seed),
+        }
+        if self._structured is not None:
+            kwargs["structured_outputs"] = self._structured
+        return self._sampling_params(**kwargs)
+
+    @staticmethod
+    def _to_generation(output: Any, prompt_tokens: int) -> Generation:
+        completion = output.outputs[0]
+        reason = completion.finish_reason
+        finish = "length" if reason == "length" else "stop" if reason in (None, "stop") else "error"
+        return Generation(
+            text=str(completion.text).strip(),
+            finish_reason=finish,
+            prompt_tokens=len(output.prompt_token_ids or []) or prompt_tokens,
+            completion_tokens=len(completion.token_ids),
+            error=f"vllm finish_reason {reason!r}" if finish == "error" else None,
+        )

@@ -1,0 +1,108 @@
+"""DenseCaptionStage: the LLM writes a dense caption from the scene graph; a verifier checks it.
+
+The paper's verification, which the reference code never implemented: after each round of
+captions, one batched chain-of-thought call lists the objects each caption mentions, and a caption
+naming something the scene graph lacks (or failing a local check: clean ending, 2-4 sentences, no
+meta-language) is regenerated with its problems spelled out. See :mod:`levels.verify`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+from grand_pipeline.models.roles import LLM, ChatPrompt, Generation
+from grand_pipeline.schemas import LEVEL3_FIELDS
+from grand_pipeline.stage import ImageRecord, Stage
+from levels.level3.checks import caption_issues, object_issues, parse_checklist
+from levels.verify import format_issues, llm_generate, run_verified, stamp_prompts
+from prompts.base import get_prompt
+
+logger = logging.getLogger(__name__)
+
+DENSE_CAPTION: pa.DataType = next(f.type for f in LEVEL3_FIELDS if f.name == "dense_caption")
+
+
+def skipped_caption() -> dict[str, Any]:
+    """The value for an image with nothing to describe: no attempt, not verified."""
+    return {"caption": "", "details": [], "verified": False, "attempts": []}
+
+
+class DenseCaptionStage(Stage):
+    """Provides ``dense_caption`` {caption, details (filled by grounding), verified, attempts}."""
+
+    name: ClassVar[str] = "dense_caption"
+    requires: ClassVar[dict[str, str]] = {
+        "scene_graph": "scene-graph text",
+        "scene_objects": "names the scene graph mentions (in memory)",
+    }
+    provides: ClassVar[dict[str, pa.DataType | None]] = {"dense_caption": DENSE_CAPTION}
+    models: ClassVar[tuple[str, ...]] = ("llm",)
+
+    def __init__(self, cfg: Any, hub: Any) -> None:
+        super().__init__(cfg, hub)
+        self.first = get_prompt("dense_caption")
+        self.regenerate = get_prompt("dense_caption_regenerate")
+        self.checklist = get_prompt("dense_caption_verify")
+
+    def process(self, records: list[ImageRecord]) -> None:
+        cfg = self.cfg.level3
+        llm = self.backend("llm", LLM)
+        # An empty graph (no depth-bearing object, no caption, no landmark) gives the LLM nothing
+        # to describe: the row keeps an empty, unverified caption instead of an invention.
+        todo: list[ImageRecord] = []
+        for record in records:
+            if (record.fields["scene_graph"] or "").strip():
+                todo.append(record)
+            else:
+                record.fields["dense_caption"] = skipped_caption()
+                logger.info("%s: empty scene graph, no dense caption", record.image_id)
+
+        def prompt(i: int, issues: list[str] | None) -> ChatPrompt:
+            graph = todo[i].fields["scene_graph"]
+            if issues is None:
+                return self.first.render(max_new_tokens=cfg.max_new_tokens, scene_graph=graph)
+            return self.regenerate.render(
+                max_new_tokens=cfg.max_new_tokens, scene_graph=graph, issues=format_issues(issues)
+            )
+
+        def verify(items: list[int], gens: list[Generation]) -> list[list[str]]:
+            checklists = self.list_objects(llm, [g.text.strip() for g in gens])
+            found = []
+            for i, gen, (entries, failure) in zip(items, gens, checklists, strict=True):
+                issues = caption_issues(gen.text.strip())
+                issues += [failure] if failure else object_issues(entries, todo[i].fields["scene_objects"])
+                found.append(issues)
+            return found
+
+        outcomes = run_verified(
+            len(todo), prompt, llm_generate(llm, cfg.temperature), verify, cfg.max_attempts
+        )
+        for record, outcome in zip(todo, outcomes, strict=True):
+            record.fields["dense_caption"] = {
+                "caption": outcome.text,
+                "details": [],
+                "verified": outcome.verified,
+                "attempts": outcome.attempts,
+            }
+            used = [self.first, self.checklist] + ([self.regenerate] if outcome.regenerated else [])
+            stamp_prompts(record, used)
+
+    def list_objects(self, llm: LLM, captions: list[str]) -> list[tuple[list[str], str | None]]:
+        """(checklist entries, why there is none) per caption, from one batched, greedy LLM call."""
+        prompts = [self.checklist.render(caption=c) for c in captions]
+        answers = llm.generate(prompts, temperature=0.0, seed=0)
+        if len(answers) != len(prompts):
+            raise ValueError(f"LLM returned {len(answers)} checklists for {len(prompts)} captions")
+        return [_checklist(answer) for answer in answers]
+
+
+def _checklist(answer: Generation) -> tuple[list[str], str | None]:
+    """A failed checklist call leaves the caption unverifiable, which counts as a problem: a caption
+    is only ``verified`` when its objects were actually checked. A cut-off list keeps its complete
+    lines; an empty list means the caption names no object."""
+    if answer.finish_reason == "error":
+        return [], f"its objects could not be checked ({answer.error or 'unknown error'})"
+    return parse_checklist(answer.text, complete=answer.finish_reason == "stop"), None

@@ -1,0 +1,112 @@
+"""AdditionalContextStage: background knowledge (uses, history, dangers) about what a photo shows.
+
+The LLM reads a simplified scene graph: up to ``max_objects`` entries (``label/attribute``, the
+Level-3 renderer's) and the landmark. Answers go through the same generate / verify / regenerate
+loop as the dense caption; the checks here are local: 5-7 sentences in one paragraph, a clean
+ending, and none of the words that would turn background knowledge into a photo description.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+from grand_pipeline.models.roles import LLM, ChatPrompt, Generation
+from grand_pipeline.schemas import LEVEL4_FIELDS
+from grand_pipeline.stage import ImageRecord, Stage
+from levels.level3.scene_graph import landmark_line, object_entry, select_objects
+from levels.verify import (
+    compile_patterns,
+    ending_issues,
+    format_issues,
+    llm_generate,
+    run_verified,
+    sentence_issues,
+    stamp_prompts,
+    wording_issues,
+)
+from prompts.base import get_prompt
+
+logger = logging.getLogger(__name__)
+
+ADDITIONAL_CONTEXT: pa.DataType = next(f.type for f in LEVEL4_FIELDS if f.name == "additional_context")
+
+#: Words the paper's prompt forbids ("scene" also covers "scene graph").
+FORBIDDEN = compile_patterns((r"\bobjects?\b", r"\bscenes?\b", r"\bas an ai\b"))
+_BLANK_LINE = re.compile(r"\n\s*\n")
+
+
+def simple_graph(fields: dict[str, Any], max_objects: int) -> str:
+    """``label/attribute, ...`` then the landmark line. Repeated entries are listed once: the
+    list only hints at a theme, and repetition would just cost context."""
+    objects = select_objects(fields, max_objects, need_depth=False)
+    entries = ", ".join(dict.fromkeys(object_entry(obj) for obj in objects))
+    landmark = landmark_line(fields.get("landmark"))
+    return "\n".join(part for part in (entries, landmark) if part)
+
+
+def context_issues(text: str, min_sentences: int, max_sentences: int) -> list[str]:
+    """Problems of an additional-context paragraph that need no model."""
+    issues = ["is more than one paragraph"] if _BLANK_LINE.search(text.strip()) else []
+    return (
+        issues
+        + ending_issues(text)
+        + sentence_issues(text, min_sentences, max_sentences)
+        + wording_issues(text, FORBIDDEN, "uses a forbidden word")
+    )
+
+
+class AdditionalContextStage(Stage):
+    """Provides ``additional_context`` {text, verified, attempts}."""
+
+    name: ClassVar[str] = "additional_context"
+    requires: ClassVar[dict[str, str]] = {
+        "objects": "level-3 objects (labels, attributes)",
+        "floating_objects": "level-3 floating objects",
+        "landmark": "level-2 landmark category",
+    }
+    provides: ClassVar[dict[str, pa.DataType | None]] = {"additional_context": ADDITIONAL_CONTEXT}
+    models: ClassVar[tuple[str, ...]] = ("llm",)
+
+    def __init__(self, cfg: Any, hub: Any) -> None:
+        super().__init__(cfg, hub)
+        self.first = get_prompt("additional_context")
+        self.regenerate = get_prompt("additional_context_regenerate")
+
+    def process(self, records: list[ImageRecord]) -> None:
+        cfg = self.cfg.level4
+        llm = self.backend("llm", LLM)
+        todo: list[tuple[ImageRecord, str]] = []
+        for record in records:
+            graph = simple_graph(record.fields, cfg.max_objects)
+            if graph:
+                todo.append((record, graph))
+            else:
+                # Nothing to build on: an empty, unverified answer rather than an invented one.
+                record.fields["additional_context"] = {"text": "", "verified": False, "attempts": []}
+                logger.info("%s: no objects and no landmark, no additional context", record.image_id)
+
+        def prompt(i: int, issues: list[str] | None) -> ChatPrompt:
+            graph = todo[i][1]
+            if issues is None:
+                return self.first.render(max_new_tokens=cfg.max_new_tokens, scene_graph=graph)
+            return self.regenerate.render(
+                max_new_tokens=cfg.max_new_tokens, scene_graph=graph, issues=format_issues(issues)
+            )
+
+        def verify(items: list[int], gens: list[Generation]) -> list[list[str]]:
+            return [context_issues(g.text.strip(), cfg.min_sentences, cfg.max_sentences) for g in gens]
+
+        outcomes = run_verified(
+            len(todo), prompt, llm_generate(llm, cfg.temperature), verify, cfg.max_attempts
+        )
+        for (record, _), outcome in zip(todo, outcomes, strict=True):
+            record.fields["additional_context"] = {
+                "text": outcome.text,
+                "verified": outcome.verified,
+                "attempts": outcome.attempts,
+            }
+            stamp_prompts(record, [self.first] + ([self.regenerate] if outcome.regenerated else []))

@@ -1,0 +1,191 @@
+"""The generate / verify / regenerate loop shared by Levels 3 and 4 (pure logic, no Ray).
+
+Round 1 generates an answer for every item in ONE batched LLM call (the in-context prefix is
+shared, which is what batching and prefix caching exploit). Every answer is checked; the failures
+get a regeneration prompt that names their problems, and only those are batched into the next
+round, up to ``max_attempts`` rounds. Every attempt is kept as an ``ATTEMPT`` dict, and an item
+whose attempts all fail keeps its best one with ``verified=False``: nothing is ever dropped.
+
+The text checks both levels use (sentence count, clean ending, forbidden wording) live here too.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from grand_pipeline.models.roles import LLM, ChatPrompt, Generation
+from grand_pipeline.stage import ImageRecord
+from prompts.base import PromptTemplate
+
+logger = logging.getLogger(__name__)
+
+PromptFn = Callable[[int, "list[str] | None"], ChatPrompt]
+"""(item index, problems of its previous attempt or None on attempt 1) -> the prompt to send."""
+GenerateFn = Callable[[list[ChatPrompt], int], list[Generation]]
+"""(prompts, attempt number) -> one Generation per prompt, from one batched LLM call."""
+VerifyFn = Callable[[list[int], list[Generation]], list[list[str]]]
+"""(item indices, their answers) -> problems per answer; an empty list means it passed.
+Only answers with text are verified; it may itself make one batched LLM call."""
+
+ISSUE_EMPTY = "the answer was empty"
+ISSUE_CUT_OFF = "the answer was cut off before it finished"
+ISSUE_ENDING = "does not end with '.', '!' or '?'"
+
+
+@dataclass
+class Outcome:
+    """What the loop settled on for one item."""
+
+    text: str
+    verified: bool
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def regenerated(self) -> bool:
+        return len(self.attempts) > 1
+
+
+def generation_issues(gen: Generation) -> list[str]:
+    """Problems of an answer that need no reading: an error, an empty text, no natural stop."""
+    if gen.finish_reason == "error":
+        return [f"generation failed: {gen.error or 'unknown error'}"]
+    if not gen.text.strip():
+        return [ISSUE_EMPTY]
+    if gen.finish_reason != "stop":
+        return [f"{ISSUE_CUT_OFF} (finish_reason '{gen.finish_reason}')"]
+    return []
+
+
+def make_attempt(number: int, gen: Generation, issues: list[str]) -> dict[str, Any]:
+    """One ``schemas.ATTEMPT`` row."""
+    return {
+        "attempt": number,
+        "text": gen.text.strip(),
+        "passed": not issues,
+        "issues": list(issues),
+        "finish_reason": gen.finish_reason,
+        "prompt_tokens": int(gen.prompt_tokens),
+        "completion_tokens": int(gen.completion_tokens),
+    }
+
+
+def best_attempt(attempts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The attempt to keep: a passed one, else the fewest problems (ties: the latest).
+
+    An attempt without text never beats one with text, whatever the counts: an empty answer has
+    a single problem, but a caption with two doubtful words is still the more useful row.
+    """
+    return max(attempts, key=lambda a: (a["passed"], bool(a["text"]), -len(a["issues"]), a["attempt"]))
+
+
+def run_verified(
+    count: int,
+    prompt: PromptFn,
+    generate: GenerateFn,
+    verify: VerifyFn,
+    max_attempts: int,
+) -> list[Outcome]:
+    """Run the loop over ``count`` items; one Outcome per item, in order."""
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    attempts: list[list[dict[str, Any]]] = [[] for _ in range(count)]
+    problems: list[list[str] | None] = [None] * count
+    pending = list(range(count))
+    for number in range(1, max_attempts + 1):
+        if not pending:
+            break
+        gens = generate([prompt(i, problems[i]) for i in pending], number)
+        if len(gens) != len(pending):
+            raise ValueError(f"LLM returned {len(gens)} answers for {len(pending)} prompts")
+        found = [generation_issues(g) for g in gens]
+        # Errors and empty answers have nothing to read; everything else (even a cut-off answer)
+        # is verified, so that its problem list is complete for the regeneration prompt.
+        readable = [k for k, g in enumerate(gens) if g.finish_reason != "error" and g.text.strip()]
+        if readable:
+            extra = verify([pending[k] for k in readable], [gens[k] for k in readable])
+            if len(extra) != len(readable):
+                raise ValueError(f"verifier returned {len(extra)} results for {len(readable)} answers")
+            for k, more in zip(readable, extra, strict=True):
+                found[k] = found[k] + list(more)
+        still: list[int] = []
+        for item, gen, issues in zip(pending, gens, found, strict=True):
+            attempts[item].append(make_attempt(number, gen, issues))
+            problems[item] = issues
+            if issues:
+                still.append(item)
+        logger.info("attempt %d: %d of %d answers passed", number, len(pending) - len(still), len(pending))
+        pending = still
+    outcomes = []
+    for tried in attempts:
+        best = best_attempt(tried) if tried else None
+        outcomes.append(
+            Outcome(text=best["text"] if best else "", verified=bool(best and best["passed"]), attempts=tried)
+        )
+    return outcomes
+
+
+def llm_generate(llm: LLM, temperature: float) -> GenerateFn:
+    """A GenerateFn over ``llm``: the seed is the attempt number, so reruns give the same answers
+    while a regeneration does not repeat the sampling of the attempt before it."""
+
+    def generate(prompts: list[ChatPrompt], attempt: int) -> list[Generation]:
+        return llm.generate(prompts, temperature=temperature, seed=attempt)
+
+    return generate
+
+
+def format_issues(issues: Iterable[str]) -> str:
+    """Problems as one clause for a regeneration prompt."""
+    return "; ".join(issues)
+
+
+def stamp_prompts(record: ImageRecord, templates: Iterable[PromptTemplate]) -> None:
+    """Append (prompt, version) stamps to the record's provenance, once each."""
+    stamps = record.fields.setdefault("prompt_versions", [])
+    for template in templates:
+        stamp = template.stamp()
+        if stamp not in stamps:
+            stamps.append(stamp)
+
+
+# ----------------------------------------------------------------------------- text checks
+
+#: A sentence ends at . ! or ? (possibly followed by closing quotes/brackets) and then a space.
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
+_CLEAN_END = re.compile(r"[.!?][\"')\]]*$")
+
+
+def count_sentences(text: str) -> int:
+    """Sentences of ``text``; decimals ("3.5") do not split, abbreviations ("Mr. X") do."""
+    return len([part for part in _SENTENCE_END.split(text.strip()) if part.strip()])
+
+
+def sentence_issues(text: str, low: int, high: int) -> list[str]:
+    """A problem when the sentence count is outside [low, high]."""
+    n = count_sentences(text)
+    if low <= n <= high:
+        return []
+    return [f"has {n} sentence{'' if n == 1 else 's'}; it needs {low} to {high}"]
+
+
+def ending_issues(text: str) -> list[str]:
+    """A problem when the text stops mid-sentence."""
+    return [] if _CLEAN_END.search(text.strip()) else [ISSUE_ENDING]
+
+
+def compile_patterns(patterns: Iterable[str]) -> tuple[re.Pattern[str], ...]:
+    return tuple(re.compile(p, re.IGNORECASE) for p in patterns)
+
+
+def wording_issues(text: str, patterns: Iterable[re.Pattern[str]], what: str) -> list[str]:
+    """One problem per forbidden pattern found, quoting the offending words."""
+    issues = []
+    for pattern in patterns:
+        match = pattern.search(text)
+        if match:
+            issues.append(f"{what} ('{match.group(0)}')")
+    return issues

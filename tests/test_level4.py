@@ -1,0 +1,142 @@
+"""Level 4 (additional context) and the shared verify/regenerate loop of ``levels.verify``."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from grand_pipeline.config import GrandConfig
+from grand_pipeline.models.hub import ModelHub
+from grand_pipeline.models.roles import ChatPrompt, Generation
+from grand_pipeline.schemas import LEVEL4_FIELDS, level_schema
+from grand_pipeline.stage import ImageRecord
+from levels.base import LEVELS
+from levels.level4.context import AdditionalContextStage, context_issues, simple_graph
+from levels.verify import best_attempt, run_verified
+from tests.test_level3 import full_row, make_cfg, make_obj, make_record, stage_wiring
+
+CONTEXT = (
+    "Coffee has been brewed for more than five centuries, starting in Yemen. "
+    "Cafes became meeting places for merchants and writers across Europe. "
+    "A saucer once served to cool hot coffee before it was sipped. "
+    "Hot drinks cause many kitchen burns, especially among small children. "
+    "Ceramic cups keep heat well and are easy to clean. "
+    "Today coffee is one of the most traded farm products in the world."
+)
+SCENIC = CONTEXT.replace("Cafes became", "This scene shows how cafes became")
+
+
+def run_level4(records: list[ImageRecord], cfg: GrandConfig):
+    hub = ModelHub(cfg.models, cfg.plugins)
+    AdditionalContextStage(cfg, hub)(records)
+    return hub.get("llm")
+
+
+def test_simple_graph_reuses_the_entries_and_landmark_of_level3():
+    objects = [
+        make_obj(1, [0, 0, 5, 5], "cup", None, ("white cup",)),
+        make_obj(2, [0, 0, 5, 5], "saucer", 1.0),
+    ]
+    objects.append(make_obj(3, [0, 0, 5, 5], "cup", 2.0, ("white cup",)))
+    rec = make_record(objects=objects)
+    # Depth is not needed here; duplicates are listed once; attributed entries come first.
+    assert simple_graph(rec.fields, 30) == "cup/white cup, saucer\nLandmark: Indoor, Living space"
+    assert simple_graph(rec.fields, 1) == "cup/white cup\nLandmark: Indoor, Living space"
+    assert simple_graph(make_record(objects=[], landmark=None).fields, 30) == ""
+
+
+def test_context_issues():
+    assert context_issues(CONTEXT, 5, 7) == []
+    assert context_issues(SCENIC, 5, 7) == ["uses a forbidden word ('scene')"]
+    two = CONTEXT.replace("Cafes", "\n\nCafes")
+    assert context_issues(two, 5, 7) == ["is more than one paragraph"]
+    assert context_issues("Short. Very short.", 5, 7) == ["has 2 sentences; it needs 5 to 7"]
+    assert context_issues(CONTEXT + " These objects", 5, 7) == [
+        "does not end with '.', '!' or '?'",
+        "uses a forbidden word ('objects')",
+    ]
+
+
+def test_answer_using_a_forbidden_word_is_regenerated():
+    script = {"additional_context": [SCENIC], "additional_context_regenerate": [CONTEXT]}
+    rec = make_record()
+    llm = run_level4([rec], make_cfg({"script": script}))
+    context = rec.fields["additional_context"]
+    assert context["text"] == CONTEXT and context["verified"] is True
+    assert [(a["attempt"], a["passed"]) for a in context["attempts"]] == [(1, False), (2, True)]
+    assert context["attempts"][0]["issues"] == ["uses a forbidden word ('scene')"]
+    assert [call[0].prefix_key for call in llm.calls] == [
+        "additional_context@1",
+        "additional_context_regenerate@1",
+    ]
+    assert llm.calls[0][0].max_new_tokens == 320
+    assert "Landmark: Indoor, Living space" in llm.calls[0][0].messages[-1]["content"]
+    assert [s["prompt"] for s in rec.fields["prompt_versions"]] == [
+        "additional_context",
+        "additional_context_regenerate",
+    ]
+
+
+def test_always_failing_llm_gives_unverified_rows_that_match_the_schema():
+    recs = [make_record("a"), make_record("b"), make_record("c", objects=[], landmark=None)]
+    llm = run_level4(recs, make_cfg({"always_fail": True}))
+    assert [len(call) for call in llm.calls] == [2, 2, 2]  # "c" has nothing to write about
+    for rec in recs[:2]:
+        context = rec.fields["additional_context"]
+        assert context["verified"] is False and len(context["attempts"]) == 3
+    assert recs[2].fields["additional_context"] == {"text": "", "verified": False, "attempts": []}
+    for rec in recs:  # level-3 columns as the runner would carry them
+        rec.fields.update(scene_graph="g", dense_caption=None, short_captions_grounded=[])
+    recs[2].fail("additional_context", "boom")
+    rows = pa.Table.from_pylist([full_row(r, 4) for r in recs], schema=level_schema(4)).to_pylist()
+    assert rows[0]["additional_context"]["attempts"][2]["attempt"] == 3
+    assert rows[2]["additional_context"] is None
+    assert LEVELS.get("4").needs_pixels is False
+
+
+# ----------------------------------------------------------------------------- levels.verify
+
+
+def gen(text: str, finish: str = "stop") -> Generation:
+    return Generation(text=text, finish_reason=finish, prompt_tokens=3, completion_tokens=1)
+
+
+def test_loop_batches_only_the_failing_items_and_passes_their_problems_on():
+    answers = {0: ["good"], 1: ["bad", "bad", "good"], 2: ["bad", "worse", "worse"]}
+    seen: list[tuple[int, list[str] | None]] = []
+    batches: list[list[int]] = []
+
+    def prompt(i: int, issues: list[str] | None) -> ChatPrompt:
+        seen.append((i, issues))
+        return ChatPrompt(messages=[{"role": "user", "content": str(i)}])
+
+    def generate(prompts: list[ChatPrompt], attempt: int) -> list[Generation]:
+        batches.append([int(p.messages[0]["content"]) for p in prompts])
+        return [gen(answers[int(p.messages[0]["content"])][attempt - 1]) for p in prompts]
+
+    def verify(items: list[int], gens: list[Generation]) -> list[list[str]]:
+        return [{"good": [], "bad": ["b"], "worse": ["w1", "w2"]}[g.text] for g in gens]
+
+    out = run_verified(3, prompt, generate, verify, max_attempts=3)
+    assert batches == [[0, 1, 2], [1, 2], [1, 2]]
+    assert seen[3:5] == [(1, ["b"]), (2, ["b"])]
+    assert [(o.text, o.verified, len(o.attempts)) for o in out] == [
+        ("good", True, 1),
+        ("good", True, 3),
+        ("bad", False, 3),
+    ]
+
+
+def test_best_attempt_prefers_fewest_issues_then_latest_and_any_text_over_none():
+    def attempt(n: int, text: str, issues: list[str]) -> dict:
+        return {"attempt": n, "text": text, "passed": not issues, "issues": issues}
+
+    assert best_attempt([attempt(1, "a", ["x"]), attempt(2, "b", ["x", "y"])])["attempt"] == 1
+    assert best_attempt([attempt(1, "a", ["x"]), attempt(2, "b", ["y"])])["attempt"] == 2
+    assert best_attempt([attempt(1, "a", ["x", "y"]), attempt(2, "", ["empty"])])["attempt"] == 1
+    with pytest.raises(ValueError):
+        run_verified(1, lambda i, issues: ChatPrompt([]), lambda p, a: [], lambda i, g: [], max_attempts=0)
+
+
+def test_level4_stages_are_wired_and_cover_exactly_the_level4_columns():
+    assert stage_wiring(4) == ({f.name for f in LEVEL4_FIELDS}, [])
