@@ -22,13 +22,16 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml requirements/weights-nodeps.txt
 
 install: $(VENV)/.installed  ## create .venv with the lite profile and dev tools
 
-demo: install  ## sample shard from real photos -> Level 1 on local Ray (lite) -> summary + PNGs
+demo: install  ## sample shard from real photos -> Levels 1-4 on local Ray (lite) -> summary, PNG/HTML, JSON
 	$(BIN)/grand make-sample --output $(DEMO)/input
-	$(BIN)/grand run --input $(DEMO)/input --output $(DEMO)/out --profile lite
+	$(BIN)/grand run --input $(DEMO)/input --output $(DEMO)/out --profile lite --levels 1-4
 	$(BIN)/grand status --output $(DEMO)/out
 	$(BIN)/grand show --output $(DEMO)/out --image sa_1 --to $(DEMO)/sa_1_astronaut.png
 	$(BIN)/grand show --output $(DEMO)/out --image sa_2 --to $(DEMO)/sa_2_coffee.png
-	@echo "open $(DEMO)/sa_1_astronaut.png and $(DEMO)/sa_2_coffee.png to look at the annotations"
+	$(BIN)/grand show --output $(DEMO)/out --image sa_2 --to $(DEMO)/sa_2_coffee.html
+	$(BIN)/grand export --output $(DEMO)/out --format grand-json --to $(DEMO)/grand_json
+	@echo "look at $(DEMO)/sa_1_astronaut.png, $(DEMO)/sa_2_coffee.png and $(DEMO)/sa_2_coffee.html;"
+	@echo "one GranD JSON per image is in $(DEMO)/grand_json/"
 
 test: install  ## the whole suite (unit, contract, end-to-end with real lite models)
 	$(BIN)/pytest -q

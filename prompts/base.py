@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -16,7 +16,7 @@ from grand_pipeline.models.roles import ChatPrompt
 from grand_pipeline.registry import Registry
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_examples(filename: str) -> tuple[dict[str, Any], ...]:
     """In-context examples from ``prompts/examples/<filename>``, read once, on first use."""
     text = (resources.files("prompts") / "examples" / filename).read_text()

@@ -16,7 +16,7 @@ import pytest
 
 from grand_pipeline.config import GrandConfig, Level2Config, ModelsConfig, ModelSpec
 from grand_pipeline.models.backends.captioner_llm import LLMFromTagsCaptioner, clean_caption
-from grand_pipeline.models.backends.embedding_grounder import EmbeddingGrounder, object_text
+from grand_pipeline.models.backends.embedding_grounder import EmbeddingGrounder, object_text, object_texts
 from grand_pipeline.models.backends.embedding_labels import EmbeddingContextLabeller
 from grand_pipeline.models.backends.embedding_landmark import DESCRIPTIONS, EmbeddingLandmarkClassifier
 from grand_pipeline.models.roles import (
@@ -303,8 +303,8 @@ def test_caption_stage_gives_voted_labels_and_stamps_the_prompt_once():
 
 
 def test_select_phrases_skips_repeats_and_stops_at_the_limit():
-    texts = ["a cup and a man", "the Cup near a dog"]
-    found = FakePhrases(["cup", "Cup", "man", "dog"]).phrases(texts)
+    texts = ["a cup and a man in a photo", "the Cup near a dog"]
+    found = FakePhrases(["cup", "Cup", "man", "dog", "photo"]).phrases(texts)
     out = select_phrases(texts, found, limit=3)
     assert [(p["phrase"], p["caption_index"], p["start"], p["end"]) for p in out] == [
         ("cup", 0, 2, 5), ("man", 0, 12, 15), ("dog", 1, 15, 18),
@@ -454,6 +454,18 @@ def test_grounding_without_phrases_still_promotes_and_renumbers():
     assert rec.fields["relationships"] == {"grounding": []}
 
 
+def test_grounding_boxes_are_clipped_and_empty_ones_ignored():
+    rec = record(phrases=[phrase("sun"), phrase("void"), phrase("nan")])
+    grounder = FakeGrounder(
+        {"sun": [500, -20, 700, 80], "void": [700, 10, 800, 50], "nan": [0, 0, np.nan, 5]}
+    )
+    GroundingStage(make_cfg(), FakeHub(grounder=grounder))([rec])
+    assert rec.ok, rec.error
+    ((sun_id,), (), ()) = [g["object_ids"] for g in rec.fields["relationships"]["grounding"]]
+    (sun,) = rec.fields["floating_objects"]
+    assert sun_id == sun["id"] == 0 and sun["bbox"] == [500.0, 0.0, 600.0, 80.0]  # W = 600
+
+
 # ----------------------------------------------------------------------------- labels and landmark
 
 
@@ -529,11 +541,16 @@ def test_embedding_grounder_picks_the_most_similar_object_above_threshold():
         {"id": 2, "bbox": [1, 1, 2, 2], "label": None, "labels": [], "attributes": []},  # nothing to match
     ]
     assert object_text(objects[1]) == "cup, coffee cup" and object_text(objects[2]) == ""
+    assert object_texts(objects[1]) == ["cup", "cup, coffee cup"] and object_texts(objects[2]) == []
     out = grounder.ground(None, ["the cup", "a man", "the street"], objects)
     assert out[0] is not None and out[0].box.tolist() == [5.0, 5.0, 20.0, 20.0] and 0.5 <= out[0].score <= 1
     assert out[1] is not None and out[1].box.tolist() == [0.0, 0.0, 10.0, 10.0]
     assert out[2] is None
     assert grounder.ground(None, [], objects) == [] and grounder.ground(None, ["cup"], []) == [None]
+    # A noisy attribute does not hide a label: "person" alone matches the label text exactly.
+    noisy = [dict(objects[0], attributes=["street car traffic light"])]
+    (person,) = grounder.ground(None, ["person"], noisy)
+    assert person is not None and person.score == pytest.approx(1.0)
     assert grounder.heuristic and grounder.model_id == "embedding_match(bow)"
 
 
@@ -673,9 +690,10 @@ def test_minilm_grounder_sends_the_cup_to_the_cup(lite_hub):
             "attributes": ["white cup"],
         },
     ]
-    cup, man, tree = grounder.ground(None, ["the cup", "a man", "a tree"], objects)
+    cup, person, woman, tree = grounder.ground(None, ["the cup", "person", "a woman", "a tree"], objects)
     assert cup is not None and cup.box.tolist() == [150.0, 150.0, 200.0, 200.0]
-    assert man is not None and man.box.tolist() == [0.0, 0.0, 100.0, 200.0]
+    assert person is not None and person.box.tolist() == [0.0, 0.0, 100.0, 200.0]
+    assert woman is not None and woman.box.tolist() == [0.0, 0.0, 100.0, 200.0]
     assert tree is None
 
 

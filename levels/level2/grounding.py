@@ -2,7 +2,8 @@
 
 Per image (after ``utils/prepare_level_2.py`` of the reference, without its stale-id bug B9):
 
-1. The grounder answers every phrase with a box (or nothing).
+1. The grounder answers every phrase with a box (or nothing). Boxes are clipped to the image;
+   one with no area left (or not finite) counts as no answer.
 2. A box that overlaps an object at IoU > ``level2.grounding_iou`` links the phrase to it; objects
    are tried before floating objects, and the best overlap wins, not the first one listed.
    A match with a floating object adds the phrase's root noun to its ``labels``: a vote from the
@@ -28,17 +29,30 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from grand_pipeline.geometry.boxes import box_iou
+from grand_pipeline.geometry.boxes import box_iou, clip_boxes
 from grand_pipeline.models.roles import Grounder, Grounding
 from grand_pipeline.schemas import LEVEL2_FIELDS, OBJECT
 from grand_pipeline.stage import ImageRecord, Stage
-from levels.level1.common import object_boxes
+from levels.level1.common import image_size, object_boxes
 from levels.level1.vote import new_object
 from levels.level2.common import copy_objects, distinct, next_free_id, renumber
 
 logger = logging.getLogger(__name__)
 
 RELATIONSHIPS = next(f.type for f in LEVEL2_FIELDS if f.name == "relationships")
+
+
+def clipped(grounding: Grounding | None, height: int, width: int) -> Grounding | None:
+    """``grounding`` with its box clipped to the image; None if nothing of it is left."""
+    if grounding is None:
+        return None
+    box = np.asarray(grounding.box, np.float64).reshape(4)
+    if not np.isfinite(box).all() or not np.isfinite(grounding.score):
+        return None
+    box = clip_boxes(box.reshape(1, 4), height, width)[0]
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return None
+    return Grounding(phrase=grounding.phrase, box=box, score=float(grounding.score))
 
 
 def best_match(box: np.ndarray, objects: list[dict[str, Any]], iou: float) -> dict[str, Any] | None:
@@ -134,6 +148,8 @@ class GroundingStage(Stage):
                     raise ValueError(
                         f"grounder returned {len(groundings)} results for {len(phrases)} phrases"
                     )
+                height, width = image_size(record)
+                groundings = [clipped(g, height, width) for g in groundings]
             links = link_phrases(phrases, groundings, objects, floating, level2.grounding_iou, source)
             objects, floating = promote(objects, floating, level2.promote_min_labels)
             mapping = renumber(objects, floating)

@@ -3,8 +3,11 @@
 Phrases of all captions of a micro-batch go to the extractor in one call. Per image they are
 kept in caption order, a phrase already seen (case-insensitively) in an earlier caption is
 skipped, as the reference skips phrases covered by earlier ones, and at most
-``level2.max_phrases`` are kept. Each phrase keeps its character offsets in its caption and, in
-memory only, its root noun, which grounding uses as a label.
+``level2.max_phrases`` are kept. Phrases about the picture itself ("the photo", "this image")
+or a vague "object" are dropped: there is nothing in the image to ground them to, and a box
+grounder would answer with the whole frame, which would become a floating object. Each phrase
+keeps its character offsets in its caption and, in memory only, its root noun, which grounding
+uses as a label.
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ logger = logging.getLogger(__name__)
 
 PHRASES = next(f.type for f in LEVEL2_FIELDS if f.name == "phrases")
 
+#: Root nouns that name the picture (or a vague "object"), not something in it.
+META_ROOTS = frozenset(
+    {"photo", "photograph", "image", "picture", "pic", "scene", "view", "shot", "snapshot", "object", "thing"}
+)
+
 
 def select_phrases(captions: list[str], found: list[list[Phrase]], limit: int) -> list[dict[str, Any]]:
     """Phrase dicts {phrase, caption_index, start, end, root}: distinct, caption order, <= limit.
@@ -37,7 +45,7 @@ def select_phrases(captions: list[str], found: list[list[Phrase]], limit: int) -
             if caption[p.start : p.end] != p.text:
                 raise ValueError(f"phrase {p.text!r} is not caption[{p.start}:{p.end}] of {caption!r}")
             key = p.text.strip().lower()
-            if not key or key in seen:
+            if not key or key in seen or p.root.strip().lower() in META_ROOTS:
                 continue
             if len(out) >= limit:
                 return out

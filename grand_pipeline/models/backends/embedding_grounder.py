@@ -1,10 +1,13 @@
 """Grounder ``embedding_match``: a phrase grounds to the detected object whose text it resembles.
 
 The lite stand-in for GroundingDINO/MDETR (``heuristic = True``): no offline phrase grounder
-exists, so a phrase is compared, with the shared sentence embedder (MiniLM), to a short text per
-object made of its label, its candidate labels and its first attribute. The most similar object
-at cosine >= ``threshold`` grounds the phrase, with that object's box and score = the cosine.
-It can only point at boxes that level 1 found; it never proposes a new box.
+exists, so a phrase is compared, with the shared sentence embedder (MiniLM), to the texts of each
+object: each of its labels alone, and "label, other labels, first attribute" together. An
+object's similarity is the best over its texts, because a noisy attribute ("white space suit")
+dilutes the combined text: "person" vs "person, white space suit" is only 0.43 with MiniLM, while
+"the cup" vs "cup, white cup" (0.76) shows what the attribute adds when it fits. The most similar
+object at cosine >= ``threshold`` grounds the phrase, with that object's box and score = the
+cosine. It can only point at boxes that level 1 found; it never proposes a new box.
 
 ``shared_text_embedder`` is also used by the other embedding backends of levels 2 and 3.
 """
@@ -34,11 +37,20 @@ def shared_text_embedder(hub: Any, options: dict[str, Any], owner: str) -> TextE
     return embedder
 
 
+def _distinct(items: list[Any]) -> list[str]:
+    return list(dict.fromkeys(str(i).strip() for i in items if i is not None and str(i).strip()))
+
+
 def object_text(obj: dict[str, Any]) -> str:
-    """The text an object is matched by: label, other labels, first attribute (no duplicates)."""
-    parts = [obj.get("label"), *(obj.get("labels") or []), *(obj.get("attributes") or [])[:1]]
-    unique = dict.fromkeys(str(p).strip() for p in parts if p is not None and str(p).strip())
-    return ", ".join(unique)
+    """An object's full text: label, other labels, first attribute (no duplicates)."""
+    return ", ".join(
+        _distinct([obj.get("label"), *(obj.get("labels") or []), *(obj.get("attributes") or [])[:1]])
+    )
+
+
+def object_texts(obj: dict[str, Any]) -> list[str]:
+    """Every text an object is matched by: each label alone, then the full text ([] if none)."""
+    return _distinct([obj.get("label"), *(obj.get("labels") or []), object_text(obj)])
 
 
 @register_backend("grounder", "embedding_match")
@@ -68,19 +80,25 @@ class EmbeddingGrounder(Grounder):
         """
         if not phrases:
             return []
-        texts = [object_text(obj) for obj in objects]
-        usable = [k for k, text in enumerate(texts) if text]
-        if not usable:
+        per_object = [object_texts(obj) for obj in objects]
+        unique = _distinct([t for texts in per_object for t in texts])
+        if not unique:
             return [None] * len(phrases)
-        emb = self.embedder.embed([str(p) for p in phrases] + [texts[k] for k in usable])
-        sims = emb[: len(phrases)] @ emb[len(phrases) :].T  # unit vectors: cosine similarity
+        emb = self.embedder.embed([str(p) for p in phrases] + unique)
+        # Unit vectors: the dot product is the cosine similarity. (P, T) -> (P, objects) by max.
+        sims = emb[: len(phrases)] @ emb[len(phrases) :].T
+        column = {text: j for j, text in enumerate(unique)}
+        scores = np.full((len(phrases), len(objects)), -np.inf)
+        for k, texts in enumerate(per_object):
+            if texts:
+                scores[:, k] = sims[:, [column[t] for t in texts]].max(axis=1)
         out: list[Grounding | None] = []
-        for phrase, row in zip(phrases, sims, strict=True):
+        for phrase, row in zip(phrases, scores, strict=True):
             best = int(np.argmax(row))  # first maximum on ties
             score = float(row[best])
             if score < self.threshold:
                 out.append(None)
                 continue
-            box = np.asarray(objects[usable[best]]["bbox"], dtype=np.float64).reshape(4)
+            box = np.asarray(objects[best]["bbox"], dtype=np.float64).reshape(4)
             out.append(Grounding(phrase=str(phrase), box=box, score=score))
         return out
