@@ -273,10 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         bench_nms(repeats=5),
         bench_rle(repeats=5),
-        bench_segmenter(hub, repeats=3),
+        bench_segmenter(hub, repeats=2),
         bench_tagger(hub, repeats=3),
         bench_decode(repeats=15),
     ]
+    # The lite LLM: the same 16 prompts batched vs one at a time (benchmarks/llm_batching.py).
+    from benchmarks import llm_batching
+
+    rows += [Row(case, base, ours) for case, base, ours in llm_batching.run()]
     print(f"median of interleaved repeats, same inputs, one process\n\n{table(rows)}")
     return 0
 

@@ -72,3 +72,11 @@ def test_retry_budget_is_bounded(shards, tmp_path, ray_session) -> None:
     summary = run(cfg, RunRequest(str(shards), str(tmp_path / "out"), [1], limit=1), "ray")
     assert summary.failed and "level1/sa_000010" in summary.failed
     assert not (tmp_path / "out" / "level1" / "sa_000010.success.json").exists()
+
+
+def test_pools_that_cannot_coexist_still_finish(shards, tmp_path, ray_session) -> None:
+    # Each pool wants both CPUs of this 2-CPU cluster: level 2's actor can only start once the
+    # drained level-1 pool has been given back.
+    cfg = load_config("tiny", overrides=["pools.level1.num_cpus=2", "pools.level2.num_cpus=2"])
+    summary = run(cfg, RunRequest(str(shards), str(tmp_path / "out"), [1, 2], limit=1), "ray")
+    assert summary.committed == {1: 1, 2: 1} and not summary.failed

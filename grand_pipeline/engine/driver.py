@@ -141,11 +141,26 @@ def run(
                     ready.append(follow)
                 elif outcome.table is not None and outcome.level + 1 in request.levels:
                     ready.append((outcome.level + 1, outcome.ref))
+            _release_drained(backend, request.levels, ready, waiting)
     finally:
         backend.shutdown()
     store.write_run_meta(cfg.to_yaml(), _run_info(cfg, request, attempt, models))
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _release_drained(backend, levels: list[int], ready: deque, waiting: dict[int, int]) -> None:
+    """Give back the actors of every level that can receive no more work in this run.
+
+    Work only flows upwards, so a level is drained once it and every level below it have nothing
+    queued or in flight. Releasing matters where pools cannot all fit at once (one small machine
+    running levels 1-4): the next level's actors get the freed CPUs/GPUs instead of waiting forever.
+    """
+    queued = {level for level, _ in ready}
+    for level in sorted(levels):
+        if level in queued or waiting[level]:
+            return
+        backend.release(level)
 
 
 def _fill(backend, ready: deque, waiting: dict[int, int]) -> deque:

@@ -54,6 +54,10 @@ class Executor:
     def in_flight(self, level: int) -> int:
         raise NotImplementedError
 
+    def release(self, level: int) -> None:
+        """Free the resources of ``level``'s pool; called once the level has no more work."""
+        return None
+
     def shutdown(self) -> None:
         return None
 
@@ -92,6 +96,9 @@ class LocalExecutor(Executor):
         done = list(self._done)
         self._done.clear()
         return done
+
+    def release(self, level: int) -> None:
+        self._runners.pop(level, None)  # its models go with it
 
 
 class _LevelActor:
@@ -199,20 +206,23 @@ class RayExecutor(Executor):
             self.metrics.in_flight(level, self.in_flight(level))
         return outcomes
 
-    def _replace(self, level: int, index: int) -> None:
-        old = self._actors[level][index]
+    def release(self, level: int) -> None:
+        for actor in self._actors.pop(level, []):
+            self._kill(actor)
+        self._load.pop(level, None)
+
+    def _kill(self, actor: Any) -> None:
         try:
-            self.ray.kill(old)
+            self.ray.kill(actor)
         except Exception:  # noqa: BLE001 - it is already dead
             pass
+
+    def _replace(self, level: int, index: int) -> None:
+        self._kill(self._actors[level][index])
         self._actors[level][index] = self._new_actor(level)
 
     def shutdown(self) -> None:
-        for actors in self._actors.values():
-            for actor in actors:
-                try:
-                    self.ray.kill(actor)
-                except Exception:  # noqa: BLE001
-                    pass
+        for level in list(self._actors):
+            self.release(level)
         if self._owns_ray:
             self.ray.shutdown()

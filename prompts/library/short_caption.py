@@ -12,7 +12,7 @@ from prompts.base import PromptTemplate, register
 SHORT_CAPTION = register(
     PromptTemplate(
         name="short_caption",
-        version="1",
+        version="2",
         system=(
             "You write captions for photos you cannot see. You are given the image-level tags and the "
             "objects a detector found in one photo. Write one short sentence describing the photo, "
@@ -20,6 +20,8 @@ SHORT_CAPTION = register(
             "places that are not listed. Answer with the sentence only."
         ),
         user_template="Tags: {tags}\nObjects: {objects}\nCaption:",
+        # Two worked examples: without them the 135M lite model answers with chatter, not captions.
+        examples_file="short_caption.json",
         max_new_tokens=48,
     )
 )
