@@ -7,7 +7,7 @@ without an entry in ``CONTRACTS`` fails, asking the author of the new role to wr
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,16 +23,10 @@ from grand_pipeline.models.hub import ModelHub
 
 
 @pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """GRAND_CACHE_DIR pointed at a private folder for the session, restored afterwards."""
-    folder = str(tmp_path_factory.mktemp("grand-cache"))
-    before = os.environ.get("GRAND_CACHE_DIR")
-    os.environ["GRAND_CACHE_DIR"] = folder
-    yield folder
-    if before is None:
-        os.environ.pop("GRAND_CACHE_DIR", None)
-    else:
-        os.environ["GRAND_CACHE_DIR"] = before
+def tiny_cache() -> str:
+    """The session's private weights cache (tests/conftest.py), shared with the other tests so
+    tiny models and the converted lite LLM are built once per session."""
+    return os.environ["GRAND_CACHE_DIR"]
 
 
 @pytest.fixture(scope="session")
