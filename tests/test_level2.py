@@ -233,12 +233,13 @@ def common_columns(rec: ImageRecord) -> dict[str, Any]:
 
 def test_short_caption_prompt_lists_tags_and_objects():
     prompt = get_prompt("short_caption")
-    assert prompt.stamp() == {"prompt": "short_caption", "version": "1"}
+    assert prompt.stamp() == {"prompt": "short_caption", "version": "2"}
     chat = prompt.render(tags="street, car", objects="person")
-    assert [m["role"] for m in chat.messages] == ["system", "user"]
+    # system, two worked examples (user + assistant each), then this image's turn
+    assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "user", "assistant", "user"]
     assert "only the listed objects" in chat.messages[0]["content"]
-    assert chat.messages[1]["content"] == "Tags: street, car\nObjects: person\nCaption:"
-    assert chat.prefix_key == "short_caption@1"
+    assert chat.messages[-1]["content"] == "Tags: street, car\nObjects: person\nCaption:"
+    assert chat.prefix_key == "short_caption@2"
 
 
 def test_clean_caption_keeps_the_first_sentence_only():
@@ -267,7 +268,7 @@ def test_llm_captioner_one_batched_call_and_no_caption_for_failures():
     assert llm.calls[0][0].messages[-1]["content"] == "Tags: cup, table\nObjects: cup\nCaption:"
     assert llm.calls[0][1].messages[-1]["content"] == "Tags: street\nObjects: none\nCaption:"
     assert captioner.heuristic and captioner.model_id == "llm_from_tags(fake-llm)"
-    assert captioner.prompt_stamp() == {"prompt": "short_caption", "version": "1"}
+    assert captioner.prompt_stamp() == {"prompt": "short_caption", "version": "2"}
 
 
 def test_caption_stage_gives_voted_labels_and_stamps_the_prompt_once():
@@ -290,7 +291,7 @@ def test_caption_stage_gives_voted_labels_and_stamps_the_prompt_once():
     assert recs[1].fields["short_captions"] == []  # the failed generation left no caption
     # Floating objects are not offered to the captioner (single-model guesses).
     assert "vase" not in llm.calls[0][0].messages[-1]["content"]
-    stamp = {"prompt": "short_caption", "version": "1"}
+    stamp = {"prompt": "short_caption", "version": "2"}
     assert recs[0].fields["prompt_versions"] == [earlier, stamp]
     assert recs[1].fields["prompt_versions"] == [stamp]
     assert recs[0].backends[0] == {
