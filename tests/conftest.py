@@ -21,4 +21,4 @@ def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001
 def tiny_cfg():
     from grand_pipeline.config import load_config
 
-    return load_config("tiny")
+    return load_config("tiny-lite")

@@ -36,7 +36,7 @@ def staged(tmp_path_factory, tiny_cfg) -> tuple[Path, Path]:
 
 
 def _run(inp: Path, out: Path, *extra: str):
-    return grand("run", "-i", str(inp), "-o", str(out), "--profile", "tiny", "--executor", "local", *extra)
+    return grand("run", "-i", str(inp), "-o", str(out), "--profile", "tiny-lite", "--executor", "local", *extra)
 
 
 def test_level_by_level_then_export(staged, tmp_path) -> None:

@@ -44,7 +44,7 @@ def test_sample_is_sa1b_format(sample_dir: Path) -> None:
 
 def test_local_run_commits_level1(sample_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = grand("run", "-i", str(sample_dir), "-o", str(out), "--profile", "tiny", "--executor", "local")
+    result = grand("run", "-i", str(sample_dir), "-o", str(out), "--profile", "tiny-lite", "--executor", "local")
     assert result.exit_code == 0, result.output
     for shard, rows in (("sa_000000", 3), ("sa_000001", 2)):
         table = pq.read_table(out / "level1" / f"{shard}.parquet")
@@ -67,7 +67,7 @@ def test_local_run_commits_level1(sample_dir: Path, tmp_path: Path) -> None:
 
 def test_rerun_is_a_no_op_and_level2_needs_its_level(sample_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    args = ["run", "-i", str(sample_dir), "-o", str(out), "--profile", "tiny", "--executor", "local"]
+    args = ["run", "-i", str(sample_dir), "-o", str(out), "--profile", "tiny-lite", "--executor", "local"]
     assert grand(*args).exit_code == 0
     marker = out / "level1" / "sa_000000.success.json"
     before = marker.read_bytes()
@@ -75,14 +75,14 @@ def test_rerun_is_a_no_op_and_level2_needs_its_level(sample_dir: Path, tmp_path:
     assert again.exit_code == 0
     assert "nothing to do" in again.output
     assert marker.read_bytes() == before
-    bad = grand("run", "-i", str(sample_dir), "-o", str(out), "--profile", "tiny", "--level", "7")
+    bad = grand("run", "-i", str(sample_dir), "-o", str(out), "--profile", "tiny-lite", "--level", "7")
     assert bad.exit_code == 2
     assert "level 7 is not available" in bad.output
 
 
 def test_overwrite_recommits_identical_content(sample_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    args = ["run", "-i", str(sample_dir), "-o", str(out), "--profile", "tiny", "--executor", "local"]
+    args = ["run", "-i", str(sample_dir), "-o", str(out), "--profile", "tiny-lite", "--executor", "local"]
     assert grand(*args).exit_code == 0
     first = (out / "level1" / "sa_000001.parquet").read_bytes()
     attempt = json.loads((out / "level1" / "sa_000001.success.json").read_text())["attempt"]
@@ -114,7 +114,7 @@ def _broken_shard(folder: Path, sample_dir: Path) -> Path:
 def test_bad_inputs_become_error_rows_and_the_shard_commits(sample_dir, tmp_path) -> None:
     broken = _broken_shard(tmp_path, sample_dir)
     out = tmp_path / "out"
-    result = grand("run", "-i", str(broken), "-o", str(out), "--profile", "tiny", "--executor", "local")
+    result = grand("run", "-i", str(broken), "-o", str(out), "--profile", "tiny-lite", "--executor", "local")
     assert result.exit_code == 0, result.output
     rows = {r["image_id"]: r for r in pq.read_table(out / "level1" / "sa_000009.parquet").to_pylist()}
     assert set(rows) == {"sa_1", "sa_2", "sa_3"}
@@ -129,7 +129,7 @@ def test_bad_inputs_become_error_rows_and_the_shard_commits(sample_dir, tmp_path
 
 def test_show_renders_a_png(sample_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert grand("run", "-i", str(sample_dir), "-o", str(out), "--profile", "tiny", "--executor", "local").exit_code == 0
+    assert grand("run", "-i", str(sample_dir), "-o", str(out), "--profile", "tiny-lite", "--executor", "local").exit_code == 0
     png = tmp_path / "sa_2.png"
     result = grand("show", "-o", str(out), "--image", "sa_2", "--to", str(png))
     assert result.exit_code == 0, result.output

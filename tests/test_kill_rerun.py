@@ -34,7 +34,7 @@ def shards(tmp_path_factory, tiny_cfg) -> Path:
 
 def _command(inp: Path, out: Path, executor: str) -> list[str]:
     return [sys.executable, "-m", "grand_pipeline.cli", "run", "-i", str(inp), "-o", str(out),
-            "--profile", "tiny", "--executor", executor]
+            "--profile", "tiny-lite", "--executor", executor]
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:

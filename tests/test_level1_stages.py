@@ -136,7 +136,7 @@ def make_cfg(members: tuple[str, ...] = ("a", "b"), **level1: Any) -> GrandConfi
         depth=spec,
         region_captioner=spec,
     )
-    return GrandConfig(profile="tiny", models=models, level1=Level1Config(**level1))
+    return GrandConfig(profile="tiny-lite", models=models, level1=Level1Config(**level1))
 
 
 def record(image_id: str = "sa_1", regions: list[Region] | None = None, **fields: Any) -> ImageRecord:

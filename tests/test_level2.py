@@ -193,7 +193,7 @@ class BagOfWords(TextEmbedder):
 def make_cfg(**level2: Any) -> GrandConfig:
     spec = ModelSpec("fake")
     models = ModelsConfig(tagger=spec, detectors={}, segmenter=spec, depth=spec, region_captioner=spec)
-    return GrandConfig(profile="tiny", models=models, level2=Level2Config(**level2))
+    return GrandConfig(profile="tiny-lite", models=models, level2=Level2Config(**level2))
 
 
 def obj(oid: int, box: list[float], labels: list[str], score: float = 0.9) -> dict[str, Any]:

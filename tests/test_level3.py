@@ -84,7 +84,7 @@ def make_cfg(llm_options: dict[str, Any] | None = None, **level3: Any) -> GrandC
         llm=ModelSpec("scripted", model="scripted-llm", options=llm_options or {}),
     )  # fmt: skip
     return GrandConfig(
-        profile="tiny", models=models, plugins=["tests.scripted_llm"],
+        profile="tiny-lite", models=models, plugins=["tests.scripted_llm"],
         level3=Level3Config(**level3), level4=Level4Config(),
     )  # fmt: skip
 

@@ -39,7 +39,7 @@ def _bytes(out: Path) -> dict[str, bytes]:
 
 
 def test_ray_and_local_executors_write_identical_parquet(shards, tmp_path, ray_session) -> None:
-    cfg = load_config("tiny", overrides=["pools.level1.num_actors=2", "engine.max_in_flight_per_actor=1"])
+    cfg = load_config("tiny-lite", overrides=["pools.level1.num_actors=2", "engine.max_in_flight_per_actor=1"])
     local = run(cfg, RunRequest(str(shards), str(tmp_path / "local"), [1]), executor="local")
     remote = run(cfg, RunRequest(str(shards), str(tmp_path / "ray"), [1]), executor="ray")
     assert local.committed == remote.committed == {1: 3}
@@ -50,7 +50,7 @@ def test_ray_and_local_executors_write_identical_parquet(shards, tmp_path, ray_s
 def test_dead_actor_is_replaced_and_its_shard_retried(shards, tmp_path, ray_session) -> None:
     flag = tmp_path / "died.flag"
     cfg = load_config(
-        "tiny",
+        "tiny-lite",
         overrides=[
             "plugins=[tests.fault_plugin]",
             f"models.detectors.flaky={{backend: die_once, options: {{flag: '{flag}'}}}}",
@@ -67,7 +67,7 @@ def test_dead_actor_is_replaced_and_its_shard_retried(shards, tmp_path, ray_sess
 
 
 def test_retry_budget_is_bounded(shards, tmp_path, ray_session) -> None:
-    cfg = load_config("tiny", overrides=["engine.max_shard_retries=0", "plugins=[tests.fault_plugin]",
+    cfg = load_config("tiny-lite", overrides=["engine.max_shard_retries=0", "plugins=[tests.fault_plugin]",
                                          f"models.detectors.flaky={{backend: die_once, options: {{flag: '{tmp_path / 'f'}'}}}}"])
     summary = run(cfg, RunRequest(str(shards), str(tmp_path / "out"), [1], limit=1), "ray")
     assert summary.failed and "level1/sa_000010" in summary.failed
@@ -77,6 +77,6 @@ def test_retry_budget_is_bounded(shards, tmp_path, ray_session) -> None:
 def test_pools_that_cannot_coexist_still_finish(shards, tmp_path, ray_session) -> None:
     # Each pool wants both CPUs of this 2-CPU cluster: level 2's actor can only start once the
     # drained level-1 pool has been given back.
-    cfg = load_config("tiny", overrides=["pools.level1.num_cpus=2", "pools.level2.num_cpus=2"])
+    cfg = load_config("tiny-lite", overrides=["pools.level1.num_cpus=2", "pools.level2.num_cpus=2"])
     summary = run(cfg, RunRequest(str(shards), str(tmp_path / "out"), [1, 2], limit=1), "ray")
     assert summary.committed == {1: 1, 2: 1} and not summary.failed
