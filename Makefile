@@ -32,6 +32,7 @@ demo: install  ## sample shard from real photos -> Levels 1-4 on local Ray (lite
 	$(BIN)/grand export --output $(DEMO)/out --format grand-json --to $(DEMO)/grand_json
 	@echo "look at $(DEMO)/sa_1_astronaut.png, $(DEMO)/sa_2_coffee.png and $(DEMO)/sa_2_coffee.html;"
 	@echo "one GranD JSON per image is in $(DEMO)/grand_json/"
+	@echo "progress page: $(BIN)/grand dashboard --output $(DEMO)/out, then open http://127.0.0.1:8765/"
 
 test: install  ## the whole suite (unit, contract, end-to-end with real lite models)
 	$(BIN)/pytest -q

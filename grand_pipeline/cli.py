@@ -10,11 +10,15 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from functools import wraps
 from typing import Annotated, Any
 
 import typer
+
+#: Shard rows `grand status` prints before it lists only the unfinished ones.
+_MATRIX_ROWS = 50
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build GranD annotations.")
 
@@ -136,15 +140,21 @@ def run(
 
 
 def _print_status(output: str) -> dict[str, Any]:
+    from grand_pipeline.dashboard import format_eta, level_extras
     from grand_pipeline.store import Store
 
-    status = Store(output).status()
-    typer.echo(f"{'level':<6}{'shards':>10}{'images ok':>11}{'failed':>8}{'img/s':>9}")
+    store = Store(output)
+    status = store.status()
+    # img/s: rows over summed shard seconds (per worker); wall img/s: over the run's elapsed time.
+    typer.echo(f"{'level':<6}{'shards':>10}{'images ok':>11}{'failed':>8}{'img/s':>9}{'wall img/s':>12}{'ETA':>10}")
     for entry in status["levels"]:
         shards = f"{entry['shards_committed']}/{entry['shards_total']}"
+        extra = level_extras(entry, store.committed(entry["level"]), time.time())
+        wall = extra["wall_images_per_second"]
         typer.echo(
             f"{entry['level']:<6}{shards:>10}{entry['images_ok']:>11}{entry['images_failed']:>8}"
-            f"{entry['images_per_second']:>9.2f}"
+            f"{entry['images_per_second']:>9.2f}{'n/a' if wall is None else f'{wall:.2f}':>12}"
+            f"{format_eta(extra['eta_seconds']):>10}"
         )
         for stage, count in sorted(entry.get("failures_by_stage", {}).items()):
             typer.echo(f"{'':6}failures in {stage}: {count}")
@@ -166,11 +176,41 @@ def status(
     status = _print_status(output)
     matrix = status.get("matrix", {})
     if matrix:
-        levels = sorted({lvl for row in matrix.values() for lvl in row})
-        typer.echo("\nshard" + "".join(f"  L{lvl}" for lvl in levels))
-        for shard, row in sorted(matrix.items()):
-            marks = "".join(f"  {'x ' if row.get(lvl) == 'committed' else '. '}" for lvl in levels)
-            typer.echo(f"{shard}{marks}")
+        levels = sorted({lvl for row in matrix.values() for lvl in row}, key=int)
+        shards = sorted(matrix)
+        # On a 1,000-shard run only the unfinished shards are worth a line each.
+        if len(shards) > _MATRIX_ROWS:
+            shards = [s for s in shards if any(v != "committed" for v in matrix[s].values())]
+        width = max([len("shard"), *map(len, shards)])
+        typer.echo("\n" + "shard".ljust(width) + "".join(f"  L{lvl}" for lvl in levels))
+        for shard in shards[:_MATRIX_ROWS]:
+            marks = "".join(f"  {'x' if matrix[shard].get(lvl) == 'committed' else '.':<2}" for lvl in levels)
+            typer.echo(f"{shard.ljust(width)}{marks}")
+        hidden = len(matrix) - min(len(shards), _MATRIX_ROWS)
+        if hidden:
+            typer.echo(f"({hidden} more shard(s) not listed: {len(matrix) - len(shards)} fully committed)")
+
+
+@app.command()
+@friendly
+def dashboard(
+    output: Annotated[str, typer.Option("--output", "-o", help="Output folder or URI of a run.")],
+    host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless you must share.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 8765,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Serve a read-only web page of per-level progress, throughput and ETA (Ctrl-C stops it)."""
+    from grand_pipeline.dashboard import make_server
+
+    _setup_logging(verbose)
+    server = make_server(output, host, port)
+    typer.echo(f"grand dashboard for {output}: http://{host}:{server.server_port}/ (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 @app.command("make-sample")

@@ -73,6 +73,10 @@ class Level1Config:
     tag_threshold: float = 0.1
     score_thresholds: dict[str, float] = field(default_factory=dict)
     """Per-member score pre-filter applied before that member's NMS; missing members use 0.1."""
+    trusted: dict[str, float] = field(default_factory=dict)
+    """member -> score above which its detection becomes an object without a second vote, for any
+    label (persons have their own rules). For ensembles with a single strong closed-set detector,
+    such as the lite profile's NanoDet beside the region tagger; empty keeps the paper's rule."""
     nms_iou: float = 0.9
     vote_iou: float = 0.65
     min_models: int = 2
@@ -99,6 +103,10 @@ class Level2Config:
     """A grounding box matches an object above this IoU; unmatched ones become floating objects."""
     promote_min_labels: int = 2
     """A floating object with at least this many distinct labels is promoted to an object."""
+    promote_min_models: int = 2
+    """... or with at least this many distinct models behind it. A phrase grounded to a floating
+    object is the captioner + grounder agreeing with the detector, even when the words agree too
+    (the reference counts that as a vote by appending the noun again)."""
     max_phrases: int = 16
 
 
@@ -114,6 +122,13 @@ class Level3Config:
     max_new_tokens: int = 200
     embedding_match: float = 0.75
     """Cosine similarity above which a caption phrase is grounded by embedding match."""
+    first_temperature: float | None = None
+    """Sampling temperature of attempt 1 (None: ``temperature``). Greedy first answers are the
+    most faithful from small models; regenerations then sample, so they differ from attempt 1."""
+    opener: bool = False
+    """Start every caption with the graph's most confident thing ("A person") and let the LLM go
+    on; for small models that drift from the graph (the lite profile). Rows stamp the
+    ``dense_caption_opener`` prompts when it is on."""
 
 
 @dataclass
@@ -122,6 +137,8 @@ class Level4Config:
     max_attempts: int = 3
     temperature: float = 0.7
     max_new_tokens: int = 320
+    first_temperature: float | None = None
+    """As ``level3.first_temperature``."""
     min_sentences: int = 5
     max_sentences: int = 7
 
@@ -325,6 +342,12 @@ def _validate(obj: Any, prefix: str) -> None:
             raise bad("micro_batch", "must be >= 1")
         if obj.num_gpus < 0 or obj.num_cpus < 0:
             raise bad("num_gpus", "resources must be >= 0")
+        for name, amount in obj.resources.items():
+            # CPU/GPU have their own fields; Ray rejects them (and memory) as custom resources.
+            if not name or name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise bad(f"resources.{name}", "use num_cpus/num_gpus; custom names only")
+            if amount < 0:
+                raise bad(f"resources.{name}", "must be >= 0")
     if isinstance(obj, ModelSpec) and obj.batch_size < 1:
         raise bad("batch_size", "must be >= 1")
 

@@ -21,6 +21,7 @@ BACKEND_USE = pa.struct(
         ("backend", pa.string()),
         ("model_id", pa.string()),
         ("heuristic", pa.bool_()),
+        ("weights", pa.string()),  # sha256 of the weights, or hub revision (+ sha256 when small)
     ]
 )
 PROVENANCE = pa.struct(

@@ -162,4 +162,5 @@ def _provenance(backend: Backend) -> dict[str, Any]:
         "backend": info["backend"],
         "model_id": info["model_id"],
         "heuristic": bool(info["heuristic"]),
+        "weights": str(info.get("weights") or ""),
     }

@@ -2,9 +2,11 @@
 
 Layout under ``OUT`` (a local path or any fsspec URI)::
 
-    OUT/_run/config.yaml, run.json, shards.json, attempt
+    OUT/_run/config.yaml, run.json, shards.json
+    OUT/_run/attempts/{n:06d}.json        attempt n, created exclusively (who: host, pid)
     OUT/level{N}/{shard}.parquet
     OUT/level{N}/{shard}.success.json     commit marker, written LAST
+    OUT/level{N}/_claims/{shard}/{g:06d}.json   commit claims, created exclusively (the commit log)
     OUT/level{N}/_staging/...             temporary files of in-flight (or killed) commits
 
 A (level, shard) is done only when its marker parses and the Parquet next to it has the size and
@@ -12,6 +14,23 @@ sha256 the marker records. Every write goes to a staging name first and is then 
 :meth:`Store._publish`, so a kill at any moment leaves either the old state or the new one, plus
 staging debris that :meth:`Store.clear_staging` removes. The Parquet bytes are a pure function of
 the table, so a rerun after a crash writes exactly what the undisturbed run would have written.
+
+Concurrent attempts (a RayJob retry starting a second driver while the first still runs) are
+fenced by :mod:`grand_pipeline.fencing`: only the attempt that holds a (level, shard)'s claim
+publishes it, so exactly one of two concurrent commits wins; the loser discards its staging and
+``commit`` returns False. On object stores there is no rename: publishing is a server-side copy,
+each object appears whole or not at all, and since the marker is written last (and names the
+Parquet's size and sha256) a shard is still all-or-nothing.
+
+Marker fields (JSON; the dashboard and ``grand plan`` read them):
+
+- identity: ``level``, ``shard``, ``attempt`` (run attempt that committed), ``generation``
+  (its claim), ``host``, ``config_hash``, ``models``, ``parquet_bytes``, ``parquet_sha256``;
+- counts, from the table: ``images`` (= ``rows``), ``ok``, ``errors`` (= ``failed``),
+  ``errors_by_stage`` (= ``failures_by_stage``, stage -> count);
+- timing: ``started``, ``finished``, ``committed_at`` (unix seconds), ``duration_s``
+  (= ``seconds``, compute time of the shard), ``images_per_s`` (= ``images_per_second``),
+  ``stage_seconds`` (stage -> seconds spent in it for this shard), ``attempt_retries``.
 
 The store knows schemas and file systems only: it never imports models, levels, Ray or the CLI.
 """
@@ -24,7 +43,6 @@ import logging
 import os
 import posixpath
 import re
-import time
 import uuid
 from typing import Any
 
@@ -34,6 +52,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from grand_pipeline import fencing
+from grand_pipeline.markers import marker_record
 from grand_pipeline.schemas import STATUS_ERROR, STATUS_OK, level_schema
 
 logger = logging.getLogger(__name__)
@@ -43,6 +63,7 @@ STAGING = "_staging"
 RUN_DIR = "_run"
 _SHARD_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _LEVEL_DIR_RE = re.compile(r"^level(\d+)$")
+_STAGED_ATTEMPT_RE = re.compile(r"\.a(\d+)\.[0-9a-f]{32}")
 _MARKER_REQUIRED = ("level", "shard", "attempt", "rows", "parquet_bytes", "parquet_sha256")
 
 # Every option is pinned, not left to pyarrow's defaults, so that a default changing between
@@ -116,11 +137,17 @@ def table_counts(table: pa.Table) -> dict[str, Any]:
 class Store:
     """Output store rooted at ``uri``; the fs and root path come from ``fsspec.core.url_to_fs``."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, claim_wait_s: float = 120.0):
         self.uri = str(uri)
-        self.fs, root = fsspec.core.url_to_fs(self.uri)
+        # Other attempts write here too: a cached listing would hide their claims and markers.
+        local = fsspec.utils.get_protocol(self.uri) in ("file", "local")
+        self.fs, root = fsspec.core.url_to_fs(self.uri, **({} if local else {"use_listings_cache": False}))
         self.root = root.rstrip("/") or "/"
         self._made: set[str] = set()
+        #: This process's attempt, once :meth:`next_attempt` took one (tags staging files).
+        self.attempt = 0
+        #: How long a commit waits for another live attempt that holds the claim.
+        self.claim_wait_s = claim_wait_s
 
     # ---- paths -------------------------------------------------------------------------------
     def _path(self, *parts: str) -> str:
@@ -135,8 +162,13 @@ class Store:
     def marker_path(self, level: int, shard: str) -> str:
         return posixpath.join(self.level_dir(level), f"{check_shard_id(shard)}{MARKER_SUFFIX}")
 
-    def _staging_path(self, directory: str, name: str) -> str:
-        return posixpath.join(directory, STAGING, f"{name}.{uuid.uuid4().hex}")
+    def _staging_path(self, directory: str, name: str, attempt: int | None = None) -> str:
+        # The attempt tag lets clear_staging spare the files of attempts that still run.
+        tag = self.attempt if attempt is None else attempt
+        return posixpath.join(directory, STAGING, f"{name}.a{tag}.{uuid.uuid4().hex}")
+
+    def claim_dir(self, level: int, shard: str) -> str:
+        return fencing.claim_dir(self.level_dir(level), check_shard_id(shard))
 
     # ---- low-level IO ------------------------------------------------------------------------
     def _makedirs(self, directory: str) -> None:
@@ -149,8 +181,9 @@ class Store:
         """Make ``src`` visible as ``dst``, overwriting it. The single place that publishes.
 
         Locally this is ``os.replace``: atomic, and it overwrites (``shutil.move``, which
-        fsspec's local ``mv`` uses, does not promise that). Elsewhere it is ``fs.mv``. Issue #4
-        replaces the object-store branch with a conditional put.
+        fsspec's local ``mv`` uses, does not promise that). Elsewhere it is ``fs.mv``: on S3 a
+        server-side copy (the destination appears whole) and a delete. Nothing relies on it being
+        atomic there: only a claim holder publishes, and the marker, written last, decides.
         """
         self._makedirs(posixpath.dirname(dst))
         if isinstance(self.fs, LocalFileSystem):
@@ -188,11 +221,16 @@ class Store:
         return digest.hexdigest()
 
     # ---- commit protocol ---------------------------------------------------------------------
-    def commit(self, level: int, shard: str, table: pa.Table, stats: dict, attempt: int) -> bool:
-        """Publish ``table`` as (level, shard). False when a valid commit already exists (fenced).
+    def commit(
+        self, level: int, shard: str, table: pa.Table, stats: dict, attempt: int, replace: bool = False
+    ) -> bool:
+        """Publish ``table`` as (level, shard). False when another commit is valid (fenced) or
+        another live attempt holds the claim; the caller's staging is discarded either way.
 
-        Order: stage Parquet, fence, publish Parquet, publish marker. A crash before the marker
-        leaves a Parquet without marker, which is not committed and is overwritten next time.
+        Order: stage Parquet, claim (:mod:`grand_pipeline.fencing`), publish Parquet, publish
+        marker. A crash before the marker leaves a Parquet without marker, which is not committed
+        and is overwritten next time. ``replace`` rewrites a committed shard (retry-failed): the
+        old marker is removed before the new Parquet is published.
         """
         declared = level_schema(level)
         if not table.schema.equals(declared, check_metadata=False):
@@ -205,44 +243,39 @@ class Store:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, **_PARQUET_OPTIONS)
         data = sink.getvalue().to_pybytes()
-        staged = self._staging_path(self.level_dir(level), f"{shard}.a{attempt}") + ".parquet"
+        staged = self._staging_path(self.level_dir(level), shard, attempt) + ".parquet"
         self._makedirs(posixpath.dirname(staged))
         self.fs.pipe_file(staged, data)
+        claims = self.claim_dir(level, shard)
         try:
-            if self.is_committed(level, shard):
+            if not replace and self.is_committed(level, shard):
+                logger.info("level %d shard %s already committed; attempt %d discarded", level, shard, attempt)
+                return False
+            claim = fencing.acquire(
+                self.fs, claims, attempt, lambda: self.is_committed(level, shard), self.claim_wait_s,
+                replace=replace,
+            )
+            if claim.state != "own":
                 logger.info(
-                    "level %d shard %s already committed; attempt %d discarded", level, shard, attempt
+                    "level %d shard %s: %s by attempt %s; attempt %d discarded", level, shard,
+                    claim.state, (claim.record or {}).get("attempt"), attempt,
                 )
                 return False
+            if replace:
+                self._remove(marker)
             self._publish(staged, final)
         finally:
             self._remove(staged)
 
-        counts = table_counts(table)
-        # The table is the truth; a caller's differing count is a bug worth seeing, not storing.
-        differ = {k: stats[k] for k in counts if k in stats and stats[k] != counts[k]}
-        if differ:
-            logger.warning(
-                "level %d shard %s: stats %r differ from the table; kept %r", level, shard, differ, counts
-            )
-        seconds = float(stats.get("seconds", 0.0) or 0.0)
-        record = {k: v for k, v in stats.items() if k not in counts}
-        record.update(counts)
-        record.update(
-            level=level,
-            shard=shard,
-            attempt=attempt,
-            seconds=seconds,
-            images_per_second=counts["rows"] / seconds if seconds > 0 else 0.0,
-            models=stats.get("models"),
-            config_hash=stats.get("config_hash"),
-            parquet_bytes=len(data),
-            parquet_sha256=hashlib.sha256(data).hexdigest(),
-            committed_at=time.time(),
-        )
+        record = marker_record(level, shard, attempt, stats, table_counts(table), data, claim.generation)
+        if not fencing.still_owner(self.fs, claims, claim.generation):
+            # Presumed dead (lease expired) and taken over while publishing: the new holder
+            # writes the marker. The Parquet bytes are the same whoever published them.
+            logger.warning("level %d shard %s: claim taken over; attempt %d leaves the marker", level, shard, attempt)
+            return False
         self._write_atomic(marker, json.dumps(record, sort_keys=True, indent=1).encode())
         logger.info(
-            "committed level %d shard %s (%d rows, attempt %d)", level, shard, counts["rows"], attempt
+            "committed level %d shard %s (%d rows, attempt %d)", level, shard, record["rows"], attempt
         )
         return True
 
@@ -329,10 +362,21 @@ class Store:
         self._remove(self.parquet_path(level, shard))
 
     def clear_staging(self, level: int) -> None:
-        """Remove leftovers of killed runs. Only safe while no other run writes this level."""
+        """Remove leftovers of dead attempts; files of attempts that may still run are kept."""
         path = posixpath.join(self.level_dir(level), STAGING)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        try:
+            names = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return
+        live: dict[int, bool] = {}
+        for name in names:
+            match = _STAGED_ATTEMPT_RE.search(posixpath.basename(name.rstrip("/")))
+            attempt = int(match.group(1)) if match else 0
+            if attempt and attempt not in live:
+                record = fencing.attempt_record(self.fs, self._path(RUN_DIR), attempt)
+                live[attempt] = record is not None and fencing.is_live(record, lease_s=6 * 3600)
+            if not live.get(attempt, False):
+                self._remove(name)
 
     # ---- run metadata ------------------------------------------------------------------------
     def _run_path(self, name: str) -> str:
@@ -387,19 +431,14 @@ class Store:
         return doc["shards"]
 
     def next_attempt(self) -> int:
-        """Read, increment and store the run-level attempt counter.
-
-        This is not a lock: two runs starting at once can draw the same number. Fencing
-        concurrent writers is a later issue; today the counter only labels commits.
-        """
-        raw = self._read_bytes(self._run_path("attempt"))
+        """Take this process's attempt number: unique even when two drivers start at once."""
+        raw = self._read_bytes(self._run_path("attempt"))  # counter of stores before fencing
         try:
-            current = int(raw.decode().strip()) if raw is not None else 0
+            floor = int(raw.decode().strip()) if raw is not None else 0
         except ValueError:
-            logger.warning("attempt counter unreadable; restarting from 0")
-            current = 0
-        self._write_atomic(self._run_path("attempt"), f"{current + 1}\n".encode())
-        return current + 1
+            floor = 0
+        self.attempt = fencing.take_attempt(self.fs, self._path(RUN_DIR), floor)
+        return self.attempt
 
     # ---- summary -----------------------------------------------------------------------------
     def levels_present(self) -> list[int]:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from grand_pipeline.metrics import record_llm_attempt
 from grand_pipeline.models.roles import LLM, ChatPrompt, Generation
 from grand_pipeline.stage import ImageRecord
 from prompts.base import PromptTemplate
@@ -114,6 +115,7 @@ def run_verified(
         still: list[int] = []
         for item, gen, issues in zip(pending, gens, found, strict=True):
             attempts[item].append(make_attempt(number, gen, issues))
+            record_llm_attempt(not issues, issues)
             problems[item] = issues
             if issues:
                 still.append(item)
@@ -128,12 +130,14 @@ def run_verified(
     return outcomes
 
 
-def llm_generate(llm: LLM, temperature: float) -> GenerateFn:
+def llm_generate(llm: LLM, temperature: float, first_temperature: float | None = None) -> GenerateFn:
     """A GenerateFn over ``llm``: the seed is the attempt number, so reruns give the same answers
-    while a regeneration does not repeat the sampling of the attempt before it."""
+    while a regeneration does not repeat the sampling of the attempt before it. Attempt 1 uses
+    ``first_temperature`` when one is given."""
 
     def generate(prompts: list[ChatPrompt], attempt: int) -> list[Generation]:
-        return llm.generate(prompts, temperature=temperature, seed=attempt)
+        first = attempt == 1 and first_temperature is not None
+        return llm.generate(prompts, temperature=first_temperature if first else temperature, seed=attempt)
 
     return generate
 

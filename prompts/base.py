@@ -7,7 +7,7 @@ different wordings can always be told apart.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -33,6 +33,10 @@ class PromptTemplate:
     examples_file: str | None = None
     """JSON list of {"input": ..., "output": ...} turned into prior user/assistant turns."""
     max_new_tokens: int = 256
+    answer_prefix: str = ""
+    """``str.format`` template for the first words of the answer, which the model continues (an
+    "opener"). Small models follow a started sentence far better than an instruction to mention
+    something. Empty: the model starts the answer itself. See :func:`with_prefix`."""
 
     def render(self, max_new_tokens: int | None = None, **fields: Any) -> ChatPrompt:
         messages = [{"role": "system", "content": self.system}]
@@ -41,6 +45,10 @@ class PromptTemplate:
                 messages.append({"role": "user", "content": self.user_template.format(**example["input"])})
                 messages.append({"role": "assistant", "content": example["output"]})
         messages.append({"role": "user", "content": self.user_template.format(**fields)})
+        prefix = self.answer_prefix.format(**fields).strip() if self.answer_prefix else ""
+        if prefix:
+            # A final assistant turn is continued, not answered (see llm_common.render_messages).
+            messages.append({"role": "assistant", "content": prefix})
         # The system turn and examples are identical for every image: that shared prefix is what
         # batching and vLLM's prefix caching exploit, so it is keyed by name and version.
         return ChatPrompt(
@@ -48,6 +56,11 @@ class PromptTemplate:
             max_new_tokens=max_new_tokens or self.max_new_tokens,
             prefix_key=f"{self.name}@{self.version}",
         )
+
+    def prefix_of(self, prompt: ChatPrompt) -> str:
+        """The opener ``render`` put at the start of the answer ("" without one)."""
+        last = prompt.messages[-1] if prompt.messages else {}
+        return str(last.get("content", "")) if self.answer_prefix and last.get("role") == "assistant" else ""
 
     def stamp(self) -> dict[str, str]:
         return {"prompt": self.name, "version": self.version}
@@ -65,3 +78,19 @@ def get_prompt(name: str) -> PromptTemplate:
     import prompts.library  # noqa: F401 - registers the built-in prompts
 
     return PROMPTS.get(name)
+
+
+def with_prefix(template: PromptTemplate, name: str, answer_prefix: str) -> PromptTemplate:
+    """A registered variant of ``template`` whose answers start with ``answer_prefix``; rows stamp
+    the variant's own name, so captions written with an opener are always told apart."""
+    return register(replace(template, name=name, answer_prefix=answer_prefix))
+
+
+def join_answer(prefix: str, continuation: str) -> str:
+    """``prefix`` followed by the model's continuation of it, with one space where words meet."""
+    continuation = continuation.strip()
+    if not prefix:
+        return continuation
+    if not continuation or continuation[0] in ".,;:!?'\")":
+        return prefix + continuation
+    return f"{prefix} {continuation}"

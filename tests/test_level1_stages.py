@@ -198,6 +198,7 @@ def test_tags_keep_top_k_above_threshold_best_first():
             "backend": "fake_tagger",
             "model_id": "fake-tagger",
             "heuristic": False,
+            "weights": "",
         }
     ]
 

@@ -196,8 +196,10 @@ def make_cfg(**level2: Any) -> GrandConfig:
     return GrandConfig(profile="tiny-lite", models=models, level2=Level2Config(**level2))
 
 
-def obj(oid: int, box: list[float], labels: list[str], score: float = 0.9) -> dict[str, Any]:
-    out = new_object(box, list(labels), labels[0], score, ["a", "b"])
+def obj(
+    oid: int, box: list[float], labels: list[str], score: float = 0.9, models: tuple[str, ...] = ("det",)
+) -> dict[str, Any]:
+    out = new_object(box, list(labels), labels[0], score, list(models))
     out["id"] = oid
     return out
 
@@ -233,13 +235,13 @@ def common_columns(rec: ImageRecord) -> dict[str, Any]:
 
 def test_short_caption_prompt_lists_tags_and_objects():
     prompt = get_prompt("short_caption")
-    assert prompt.stamp() == {"prompt": "short_caption", "version": "2"}
+    assert prompt.stamp() == {"prompt": "short_caption", "version": "3"}
     chat = prompt.render(tags="street, car", objects="person")
     # system, two worked examples (user + assistant each), then this image's turn
     assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "user", "assistant", "user"]
-    assert "only the listed objects" in chat.messages[0]["content"]
-    assert chat.messages[-1]["content"] == "Tags: street, car\nObjects: person\nCaption:"
-    assert chat.prefix_key == "short_caption@2"
+    assert "Use only the objects and tags" in chat.messages[0]["content"]
+    assert chat.messages[-1]["content"] == "Tags: street, car\nObjects: person"
+    assert chat.prefix_key == "short_caption@3"
 
 
 def test_clean_caption_keeps_the_first_sentence_only():
@@ -265,10 +267,10 @@ def test_llm_captioner_one_batched_call_and_no_caption_for_failures():
     out = captioner.caption([IMAGE] * 4, context)
     assert out == [["A cup of coffee on a table."], [], [], []]
     assert len(llm.calls) == 1 and len(llm.calls[0]) == 3
-    assert llm.calls[0][0].messages[-1]["content"] == "Tags: cup, table\nObjects: cup\nCaption:"
-    assert llm.calls[0][1].messages[-1]["content"] == "Tags: street\nObjects: none\nCaption:"
+    assert llm.calls[0][0].messages[-1]["content"] == "Tags: cup, table\nObjects: cup"
+    assert llm.calls[0][1].messages[-1]["content"] == "Tags: street\nObjects: none"
     assert captioner.heuristic and captioner.model_id == "llm_from_tags(fake-llm)"
-    assert captioner.prompt_stamp() == {"prompt": "short_caption", "version": "2"}
+    assert captioner.prompt_stamp() == {"prompt": "short_caption", "version": "3"}
 
 
 def test_caption_stage_gives_voted_labels_and_stamps_the_prompt_once():
@@ -291,12 +293,12 @@ def test_caption_stage_gives_voted_labels_and_stamps_the_prompt_once():
     assert recs[1].fields["short_captions"] == []  # the failed generation left no caption
     # Floating objects are not offered to the captioner (single-model guesses).
     assert "vase" not in llm.calls[0][0].messages[-1]["content"]
-    stamp = {"prompt": "short_caption", "version": "2"}
+    stamp = {"prompt": "short_caption", "version": "3"}
     assert recs[0].fields["prompt_versions"] == [earlier, stamp]
     assert recs[1].fields["prompt_versions"] == [stamp]
     assert recs[0].backends[0] == {
         "stage": "captions", "role": "captioner", "backend": "llm_from_tags",
-        "model_id": "llm_from_tags(fake-llm)", "heuristic": True,
+        "model_id": "llm_from_tags(fake-llm)", "heuristic": True, "weights": "",
     }  # fmt: skip
 
 
@@ -383,31 +385,33 @@ def test_grounding_links_votes_adds_promotes_and_renumbers_by_hand():
             "sky": None,
             "hat": [21, 11, 60, 50],  # E (IoU 0.95): E's labels become [helmet, hat]
             "vase": [52, 302, 150, 390],  # D (IoU 0.96): D's labels become [plant, vase]
-            "bowl": [400, 52, 500, 150],  # C: "bowl" is already a label, no new vote
+            "bowl": [400, 52, 500, 150],  # C: "bowl" is already a label, but the grounder votes
         }
     )
     rec = grounding_record()
     originals = [dict(o, labels=list(o["labels"])) for o in rec.fields["floating_objects"]]
     GroundingStage(make_cfg(), FakeHub(grounder=grounder))([rec])
     assert rec.ok, rec.error
-    # D and E have two distinct labels and are promoted, in floating order (D, then E):
-    # objects A0 B1 D2 E3; floating C4 F5. Old -> new: 0->0 1->1 3->2 5->3 2->4 4->5.
+    # D and E have two distinct labels, C two distinct models (detector + grounder); they are
+    # promoted in floating order (C, D, E): objects A0 B1 C2 D3 E4; floating F5.
+    # Old -> new: 0->0 1->1 2->2 3->3 5->4 4->5.
     objects, floating = rec.fields["objects"], rec.fields["floating_objects"]
     assert [(o["id"], o["labels"]) for o in objects] == [
-        (0, ["person"]), (1, ["cup"]), (2, ["plant", "vase"]), (3, ["helmet", "hat"]),
+        (0, ["person"]), (1, ["cup"]), (2, ["bowl"]), (3, ["plant", "vase"]), (4, ["helmet", "hat"]),
     ]  # fmt: skip
-    assert [(o["id"], o["labels"]) for o in floating] == [(4, ["bowl"]), (5, ["chair"])]
+    assert objects[2]["models"] == ["det", "grounder:fake_grounder"]
+    assert [(o["id"], o["labels"]) for o in floating] == [(5, ["chair"])]
     assert rec.fields["relationships"] == {
         "grounding": [
             {"phrase": "cup", "object_ids": [1]},
-            {"phrase": "red helmet", "object_ids": [3]},
+            {"phrase": "red helmet", "object_ids": [4]},
             {"phrase": "sky", "object_ids": []},
-            {"phrase": "hat", "object_ids": [3]},
-            {"phrase": "vase", "object_ids": [2]},
-            {"phrase": "bowl", "object_ids": [4]},
+            {"phrase": "hat", "object_ids": [4]},
+            {"phrase": "vase", "object_ids": [3]},
+            {"phrase": "bowl", "object_ids": [2]},
         ]
     }
-    helmet = objects[3]
+    helmet = objects[4]
     assert set(helmet) == set(OBJECT_KEYS)
     assert helmet["label"] == "helmet" and helmet["bbox"] == [20.0, 10.0, 60.0, 50.0]
     assert helmet["attributes"] == ["red helmet"] and helmet["models"] == ["grounder:fake_grounder"]

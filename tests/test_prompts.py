@@ -35,6 +35,7 @@ FIELDS = {
     "issues": "mentions 'dragon', which is not in the scene graph; has 1 sentences; it needs 2 to 4",
     "tags": "cup, saucer, table",
     "objects": "cup, saucer, table",
+    "lead": "A cup",
 }
 OTHER_FIELDS = {
     "scene_graph": "Background:\nGroup 1: mountain/snowy mountain\nLandmark: Outdoor, Natural landscape",
@@ -42,6 +43,7 @@ OTHER_FIELDS = {
     "issues": "has 6 sentences; it needs 2 to 4",
     "tags": "mountain, lake",
     "objects": "mountain, lake",
+    "lead": "A mountain",
 }
 
 
@@ -51,7 +53,8 @@ def all_prompts() -> list[str]:
 
 
 def placeholders(template: PromptTemplate) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template.user_template) if name]
+    texts = (template.user_template, template.answer_prefix)
+    return list(dict.fromkeys(name for t in texts for _, name, _, _ in string.Formatter().parse(t) if name))
 
 
 def render(template: PromptTemplate, values: dict[str, str]) -> ChatPrompt:
@@ -91,9 +94,11 @@ def test_prompt_has_version_and_a_shared_prefix(name: str) -> None:
     # Everything but the last user turn is the same for every image: that is the prefix that
     # batching and prefix caching share, and prefix_key names it.
     assert one.prefix_key == two.prefix_key == f"{name}@{template.version}"
-    assert one.messages[:-1] == two.messages[:-1]
-    assert one.messages[-1] != two.messages[-1]
-    assert [m["role"] for m in one.messages][-1] == "user"
+    # An opener is per image too: it is the started assistant turn after the last user turn.
+    tail = 2 if template.answer_prefix else 1
+    assert one.messages[:-tail] == two.messages[:-tail]
+    assert one.messages[-tail] != two.messages[-tail]
+    assert one.messages[-tail]["role"] == "user"
 
 
 OWN_PROMPTS = (
@@ -108,7 +113,6 @@ OWN_PROMPTS = (
 @pytest.mark.parametrize("name", OWN_PROMPTS)
 def test_own_prompts_render_their_examples_completely(name: str) -> None:
     template = get_prompt(name)
-    assert template.version == "1"
     assert set(placeholders(template)) <= set(FIELDS)
     prompt = render(template, FIELDS)
     roles = [m["role"] for m in prompt.messages]
@@ -132,3 +136,23 @@ def test_regenerate_prompts_share_the_first_prompts_instructions() -> None:
         assert [m["content"] for m in one.messages if m["role"] == "assistant"] == [
             m["content"] for m in two.messages if m["role"] == "assistant"
         ]
+
+
+def test_opener_prompts_start_the_answer_and_are_continued() -> None:
+    """The opener variants end with a started assistant turn holding the lead, which the chat
+    template keeps open, and ``join_answer`` puts the lead back in front of the continuation."""
+    from transformers import PreTrainedTokenizerFast  # noqa: F401  (only to prove transformers is there)
+
+    from grand_pipeline.models import llm_common
+    from prompts.base import join_answer
+
+    for name in ("dense_caption_opener", "dense_caption_regenerate_opener"):
+        template = get_prompt(name)
+        prompt = render(template, FIELDS)
+        assert prompt.messages[-1] == {"role": "assistant", "content": "A cup"}
+        assert template.prefix_of(prompt) == "A cup"
+        assert llm_common.continues_answer(prompt)
+        assert get_prompt(name.replace("_opener", "")).prefix_of(prompt) == ""
+    assert join_answer("A cup", " sits on a saucer.") == "A cup sits on a saucer."
+    assert join_answer("A cup", ", white, sits there.") == "A cup, white, sits there."
+    assert join_answer("", "Plain.") == "Plain."

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from grand_pipeline.config import GrandConfig
 from grand_pipeline.engine.executors import EXECUTORS, Outcome
+from grand_pipeline.models.weights import check_sources
 from grand_pipeline.sources import list_shards
 from grand_pipeline.sources.base import ShardRef
 from grand_pipeline.store import Store
@@ -49,6 +50,8 @@ class RunSummary:
     skipped: dict[int, int] = field(default_factory=dict)
     blocked: dict[int, list[str]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    fenced: dict[int, int] = field(default_factory=dict)
+    """(level, shard)s finished here but committed by another attempt of the same run."""
     seconds: float = 0.0
 
 
@@ -68,6 +71,17 @@ def code_version() -> str:
         return version("grand")
     except PackageNotFoundError:
         return "unknown"
+
+
+def model_specs(models: Any) -> list[tuple[str, Any]]:
+    """(hub key, ModelSpec) of every configured model: ``tagger``, ``detectors.owlv2``, ..."""
+    out = [(f"detectors.{name}", spec) for name, spec in models.detectors.items()]
+    for name in ("tagger", "segmenter", "depth", "region_captioner", "text_embedder", "captioner",
+                 "phrase_extractor", "grounder", "landmark_classifier", "label_assigner", "llm"):  # fmt: skip
+        spec = getattr(models, name, None)
+        if spec is not None:
+            out.append((name, spec))
+    return out
 
 
 def plan(store: Store, shards: list[ShardRef], levels: list[int]) -> tuple[deque, RunSummary]:
@@ -119,6 +133,10 @@ def run(
             f"level {first} needs level {first - 1} committed, and no selected shard has it; "
             f"run `grand run --level {first - 1}` first"
         )
+    if ready:
+        # Every configured model must be cached or fetchable before any actor starts: an offline
+        # cluster fails here in seconds, naming the model, instead of in every actor's retry loop.
+        check_sources(model_specs(cfg.models))
     emit({"type": "plan", "planned": dict(summary.planned), "skipped": dict(summary.skipped)})
     if not ready:
         summary.seconds = time.perf_counter() - started
@@ -128,6 +146,7 @@ def run(
     store.write_run_meta(cfg.to_yaml(), _run_info(cfg, request, attempt, {}))
     exec_name = executor or cfg.engine.executor
     backend = EXECUTORS.get(exec_name)(cfg, request.output_uri)
+    backend.metrics.shards_planned(summary.planned)  # ETA = (planned - committed) / commit rate
     retries: dict[tuple[int, str], int] = {}
     models: dict[str, Any] = {}
     waiting: dict[int, int] = {lvl: 0 for lvl in request.levels}
@@ -139,7 +158,10 @@ def run(
                 follow = _finish(cfg, store, outcome, attempt, retries, summary, emit, models, backend.metrics)
                 if follow is not None:
                     ready.append(follow)
-                elif outcome.table is not None and outcome.level + 1 in request.levels:
+                elif (
+                    outcome.level + 1 in request.levels
+                    and store.marker(outcome.level, outcome.ref.shard_id) is not None
+                ):
                     ready.append((outcome.level + 1, outcome.ref))
             _release_drained(backend, request.levels, ready, waiting)
     finally:
@@ -179,6 +201,16 @@ def _fill(backend, ready: deque, waiting: dict[int, int]) -> deque:
 def _finish(cfg, store, outcome: Outcome, attempt, retries, summary, emit, models, metrics):
     """Commit a finished shard, or return it for a retry while the retry budget lasts."""
     key = (outcome.level, outcome.ref.shard_id)
+    committed = False
+    if outcome.table is not None:
+        stats = dict(outcome.stats)
+        stats["attempt_retries"] = retries.get(key, 0)
+        try:
+            committed = store.commit(outcome.level, outcome.ref.shard_id, outcome.table, stats, attempt)
+        except OSError as exc:
+            # A failed upload (network, throttling, a full disk) costs one retry of the shard; the
+            # staging it left is removed by the next run's clear_staging.
+            outcome = Outcome(outcome.level, outcome.ref, error=f"commit failed: {exc!r}")
     if outcome.table is None:
         retries[key] = retries.get(key, 0) + 1
         emit({"type": "shard_error", "level": outcome.level, "shard": outcome.ref.shard_id,
@@ -190,17 +222,19 @@ def _finish(cfg, store, outcome: Outcome, attempt, retries, summary, emit, model
             return (outcome.level, outcome.ref)
         summary.failed[f"level{outcome.level}/{outcome.ref.shard_id}"] = outcome.error or "failed"
         return None
-    stats = dict(outcome.stats)
-    stats["attempt_retries"] = retries.get(key, 0)
-    committed = store.commit(outcome.level, outcome.ref.shard_id, outcome.table, stats, attempt)
     models.update(stats.get("models", {}))
+    marker = store.marker(outcome.level, outcome.ref.shard_id) or {}
     if committed:
         metrics.shard_committed(outcome.level)
+    else:
+        summary.fenced[outcome.level] = summary.fenced.get(outcome.level, 0) + 1
+        logger.warning("level %d shard %s was committed by attempt %s, not by this attempt %d",
+                       outcome.level, outcome.ref.shard_id, marker.get("attempt"), attempt)
     summary.committed[outcome.level] = summary.committed.get(outcome.level, 0) + int(committed)
-    marker = store.marker(outcome.level, outcome.ref.shard_id) or {}
     emit({"type": "committed", "level": outcome.level, "shard": outcome.ref.shard_id,
           "rows": marker.get("rows", outcome.table.num_rows), "ok": marker.get("ok"),
-          "failed": marker.get("failed"), "seconds": stats.get("seconds")})
+          "failed": marker.get("failed"), "seconds": stats.get("seconds"),
+          "attempt": marker.get("attempt"), "by_this_attempt": committed})
     return None
 
 

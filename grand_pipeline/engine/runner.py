@@ -8,6 +8,7 @@ for the commit marker. It never writes: committing is the driver's job.
 from __future__ import annotations
 
 import logging
+import platform
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -87,7 +88,9 @@ class LevelRunner:
 
     def run_shard(self, ref: ShardRef, output_uri: str) -> tuple[pa.Table, dict[str, Any]]:
         start = time.perf_counter()
+        started = time.time()
         before = self.metrics.stage_seconds.copy()
+        llm_before = self.metrics.llm_counts_for(self.level)
         rows: list[dict[str, Any]] = []
         micro = self.cfg.pool(self.level).micro_batch
 
@@ -95,8 +98,9 @@ class LevelRunner:
             self.metrics.stage_done(self.level, stage, ok, failed, seconds)
 
         for batch in micro_batches(self._records(ref, output_uri), micro):
-            for stage in self.stages:
-                stage(batch, hook)
+            with self.metrics.active(self.level):  # LLM attempts count against this level
+                for stage in self.stages:
+                    stage(batch, hook)
             rows.extend(self._row(record) for record in batch)
             for record in batch:
                 record.image = None  # free pixels as soon as the batch is done
@@ -109,9 +113,18 @@ class LevelRunner:
         stats = {
             "seconds": round(time.perf_counter() - start, 3),
             "stage_seconds": stage_seconds,
+            # Wall-clock bounds and the host that computed the shard (the marker's img2dataset-style
+            # fields); the committing driver may run elsewhere.
+            "started": round(started, 3),
+            "finished": round(time.time(), 3),
+            "host": platform.node(),
             "models": self.models(),
             "config_hash": self.config_hash,
         }
+        # Per-shard LLM attempts and failed checks, for the markers (and so the dashboard).
+        for key, counts in self.metrics.llm_counts_for(self.level).items():
+            delta = {k: n - llm_before[key].get(k, 0) for k, n in counts.items()}
+            stats[key] = {k: n for k, n in delta.items() if n}
         return table, stats
 
     def _row(self, record: ImageRecord) -> dict[str, Any]:

@@ -61,7 +61,18 @@ def render_messages(tokenizer: Any, prompt: ChatPrompt) -> str:
     same ids as ``apply_chat_template(tokenize=True)`` on both transformers 4 and 5, whose return
     types differ.
     """
+    if continues_answer(prompt):
+        # The prompt already holds the start of the answer: the model must go on from its last
+        # word, so the assistant turn is left open instead of closed and re-opened.
+        return tokenizer.apply_chat_template(
+            prompt.messages, add_generation_prompt=False, continue_final_message=True, tokenize=False
+        )
     return tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
+
+
+def continues_answer(prompt: ChatPrompt) -> bool:
+    """True when the last message is a started assistant answer (an opener) to be continued."""
+    return bool(prompt.messages) and prompt.messages[-1].get("role") == "assistant"
 
 
 def template_token_ids(tokenizer: Any, prompt: ChatPrompt) -> list[int]:

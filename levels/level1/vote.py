@@ -2,7 +2,8 @@
 
 A group of boxes from at least ``min_models`` distinct members is an object; anything short of
 that is a floating object, except persons, which follow ``level1.person``: a confident person
-from a trusted member is promoted, one from a noisy member is dropped. Unlike the reference, the
+from a trusted member is promoted, one from a noisy member is dropped. ``level1.trusted`` does the
+same for every other label, for ensembles with a single strong detector (the lite profile). Unlike the reference, the
 object's box is the score-weighted fusion of its members (``box_fusion: anchor`` restores the
 reference behaviour).
 """
@@ -105,9 +106,10 @@ class VoteStage(Stage):
         rules = self.cfg.level1.person
         if group.num_models >= self.cfg.level1.min_models:
             return OBJECTS
-        if anchor_label != PERSON:
-            return FLOATING
         member = members[group.models[0]]  # the anchor's member comes first
+        trusted = self.cfg.level1.trusted
+        if anchor_label != PERSON:
+            return OBJECTS if member in trusted and score > trusted[member] else FLOATING
         if member in rules.promote and score > rules.promote[member]:
             return OBJECTS
         if member in rules.drop_unmatched_from:

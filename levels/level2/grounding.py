@@ -6,14 +6,15 @@ Per image (after ``utils/prepare_level_2.py`` of the reference, without its stal
    one with no area left (or not finite) counts as no answer.
 2. A box that overlaps an object at IoU > ``level2.grounding_iou`` links the phrase to it; objects
    are tried before floating objects, and the best overlap wins, not the first one listed.
-   A match with a floating object adds the phrase's root noun to its ``labels``: a vote from the
-   caption that the guess was right.
+   A match with a floating object adds the phrase's root noun to its ``labels`` and the grounder
+   to its ``models``: a vote from the caption that the guess was right.
 3. A box that matches nothing becomes a new floating object labelled with the root noun, made
    by ``grounder:<backend>``. Later phrases can match it (two phrases for one new box vote).
    It has no mask (``segmentation`` and ``segmentation_source`` None; no segmenter runs in
    level 2) and no depth (the depth map is not kept past level 1); its first attribute is the
    phrase when the phrase says more than the root noun.
-4. Floating objects with at least ``level2.promote_min_labels`` distinct labels become objects.
+4. Floating objects with at least ``level2.promote_min_labels`` distinct labels, or
+   ``level2.promote_min_models`` distinct models, become objects.
 5. Ids are renumbered, objects first, then floating objects, and every id in
    ``relationships.grounding`` is remapped with them.
 
@@ -76,12 +77,16 @@ def grounded_object(grounding: Grounding, phrase: dict[str, Any], source: str, n
 
 
 def promote(
-    objects: list[dict[str, Any]], floating: list[dict[str, Any]], min_labels: int
+    objects: list[dict[str, Any]], floating: list[dict[str, Any]], min_labels: int, min_models: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Move floating objects with >= ``min_labels`` distinct labels to the end of ``objects``."""
-    promoted = [o for o in floating if len(distinct(o.get("labels") or [])) >= min_labels]
-    kept = [o for o in floating if len(distinct(o.get("labels") or [])) < min_labels]
-    return objects + promoted, kept
+    """Move floating objects with >= ``min_labels`` distinct labels or >= ``min_models`` distinct
+    models to the end of ``objects``."""
+
+    def voted(obj: dict[str, Any]) -> bool:
+        labels, models = distinct(obj.get("labels") or []), distinct(obj.get("models") or [])
+        return len(labels) >= min_labels or len(models) >= min_models
+
+    return objects + [o for o in floating if voted(o)], [o for o in floating if not voted(o)]
 
 
 def link_phrases(
@@ -107,6 +112,9 @@ def link_phrases(
                 labels = list(target.get("labels") or [])
                 if root and root not in labels:
                     target["labels"] = [*labels, root]
+                models = list(target.get("models") or [])
+                if source not in models:
+                    target["models"] = [*models, source]
         if target is None:
             target = grounded_object(grounding, phrase, source, next_id)
             next_id += 1
@@ -151,7 +159,9 @@ class GroundingStage(Stage):
                 height, width = image_size(record)
                 groundings = [clipped(g, height, width) for g in groundings]
             links = link_phrases(phrases, groundings, objects, floating, level2.grounding_iou, source)
-            objects, floating = promote(objects, floating, level2.promote_min_labels)
+            objects, floating = promote(
+                objects, floating, level2.promote_min_labels, level2.promote_min_models
+            )
             mapping = renumber(objects, floating)
             record.fields["relationships"] = {
                 "grounding": [

@@ -18,7 +18,7 @@ from grand_pipeline.schemas import LEVEL3_FIELDS
 from grand_pipeline.stage import ImageRecord, Stage
 from levels.level3.checks import caption_issues, object_issues, parse_checklist
 from levels.verify import format_issues, llm_generate, run_verified, stamp_prompts
-from prompts.base import get_prompt
+from prompts.base import get_prompt, join_answer
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +37,16 @@ class DenseCaptionStage(Stage):
     requires: ClassVar[dict[str, str]] = {
         "scene_graph": "scene-graph text",
         "scene_objects": "names the scene graph mentions (in memory)",
+        "scene_lead": "the caption opener, 'A <label>' (in memory)",
     }
     provides: ClassVar[dict[str, pa.DataType | None]] = {"dense_caption": DENSE_CAPTION}
     models: ClassVar[tuple[str, ...]] = ("llm",)
 
     def __init__(self, cfg: Any, hub: Any) -> None:
         super().__init__(cfg, hub)
-        self.first = get_prompt("dense_caption")
-        self.regenerate = get_prompt("dense_caption_regenerate")
+        suffix = "_opener" if cfg.level3.opener else ""
+        self.first = get_prompt("dense_caption" + suffix)
+        self.regenerate = get_prompt("dense_caption_regenerate" + suffix)
         self.checklist = get_prompt("dense_caption_verify")
 
     def process(self, records: list[ImageRecord]) -> None:
@@ -61,12 +63,23 @@ class DenseCaptionStage(Stage):
                 logger.info("%s: empty scene graph, no dense caption", record.image_id)
 
         def prompt(i: int, issues: list[str] | None) -> ChatPrompt:
-            graph = todo[i].fields["scene_graph"]
+            fields = {"scene_graph": todo[i].fields["scene_graph"], "lead": todo[i].fields.get("scene_lead", "")}
             if issues is None:
-                return self.first.render(max_new_tokens=cfg.max_new_tokens, scene_graph=graph)
+                return self.first.render(max_new_tokens=cfg.max_new_tokens, **fields)
             return self.regenerate.render(
-                max_new_tokens=cfg.max_new_tokens, scene_graph=graph, issues=format_issues(issues)
+                max_new_tokens=cfg.max_new_tokens, issues=format_issues(issues), **fields
             )
+
+        generate = llm_generate(llm, cfg.temperature, cfg.first_temperature)
+
+        def generate_whole(prompts: list[ChatPrompt], attempt: int) -> list[Generation]:
+            """Answers with their opener put back in front: the model wrote only the rest."""
+            gens = generate(prompts, attempt)
+            for p, gen in zip(prompts, gens, strict=True):
+                opener = self.first.prefix_of(p) or self.regenerate.prefix_of(p)
+                if opener and gen.finish_reason != "error":
+                    gen.text = join_answer(opener, gen.text)
+            return gens
 
         def verify(items: list[int], gens: list[Generation]) -> list[list[str]]:
             checklists = self.list_objects(llm, [g.text.strip() for g in gens])
@@ -78,7 +91,7 @@ class DenseCaptionStage(Stage):
             return found
 
         outcomes = run_verified(
-            len(todo), prompt, llm_generate(llm, cfg.temperature), verify, cfg.max_attempts
+            len(todo), prompt, generate_whole, verify, cfg.max_attempts
         )
         for record, outcome in zip(todo, outcomes, strict=True):
             record.fields["dense_caption"] = {

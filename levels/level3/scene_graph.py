@@ -177,8 +177,18 @@ def relationship_lines(fields: dict[str, Any], group_of: dict[int, int], names: 
     return lines
 
 
+def lead_phrase(objects: list[dict[str, Any]]) -> str:
+    """"A <label>" for the most confident shown object ("" for none): the caption opener."""
+    if not objects:
+        return ""
+    best = max(objects, key=lambda o: (float(o.get("score") or 0.0), -int(o["id"])))
+    label = object_label(best)
+    return f"{'An' if label[:1].lower() in 'aeiou' else 'A'} {label}"
+
+
 class SceneGraphStage(Stage):
-    """Provides ``scene_graph`` (text) and, in memory, ``scene_objects`` for the caption check."""
+    """Provides ``scene_graph`` (text) and, in memory, ``scene_objects`` for the caption check
+    and ``scene_lead`` for the caption opener."""
 
     name: ClassVar[str] = "scene_graph"
     requires: ClassVar[dict[str, str]] = {
@@ -188,7 +198,11 @@ class SceneGraphStage(Stage):
         "relationships": "level-2 grounded phrases",
         "landmark": "level-2 landmark category",
     }
-    provides: ClassVar[dict[str, pa.DataType | None]] = {"scene_graph": pa.string(), "scene_objects": None}
+    provides: ClassVar[dict[str, pa.DataType | None]] = {
+        "scene_graph": pa.string(),
+        "scene_objects": None,
+        "scene_lead": None,
+    }
 
     def process(self, records: list[ImageRecord]) -> None:
         cfg = self.cfg.level3
@@ -198,4 +212,5 @@ class SceneGraphStage(Stage):
             text, names = render_graph(record.fields, layered)
             record.fields["scene_graph"] = text
             record.fields["scene_objects"] = names
+            record.fields["scene_lead"] = lead_phrase([o for _, groups in layered for g in groups for o in g])
             logger.debug("%s: scene graph of %d objects, %d chars", record.image_id, len(objects), len(text))

@@ -101,7 +101,7 @@ class AdditionalContextStage(Stage):
             return [context_issues(g.text.strip(), cfg.min_sentences, cfg.max_sentences) for g in gens]
 
         outcomes = run_verified(
-            len(todo), prompt, llm_generate(llm, cfg.temperature), verify, cfg.max_attempts
+            len(todo), prompt, llm_generate(llm, cfg.temperature, cfg.first_temperature), verify, cfg.max_attempts
         )
         for (record, _), outcome in zip(todo, outcomes, strict=True):
             record.fields["additional_context"] = {

@@ -8,43 +8,31 @@ file carries an ``issues`` value per example for that reason; ``dense_caption`` 
 
 from __future__ import annotations
 
-from prompts.base import PromptTemplate, register
+from prompts.base import PromptTemplate, register, with_prefix
 
 CAPTION_SYSTEM = """\
-You write captions for photographs. Each request describes one photo with a scene graph, a \
-structured summary of what the photo shows:
+You write captions for photos from their scene graph. A scene graph lists the things in one \
+photo, nearest first, in depth layers ("Immediate foreground", "Foreground", "Midground", \
+"Background"). Things close to each other share a numbered group, and each thing is written as \
+name/description. Short captions by other captioners, phrases that refer to things, and the kind \
+of place follow. Write 2 to 4 simple sentences, as if you were looking at the photo. Call each \
+thing by its name from the scene graph, and never add things it does not list."""
 
-1. Depth layers: the things in the photo are sorted by their distance from the camera into up to \
-four layers, "Immediate foreground", "Foreground", "Midground" and "Background".
-2. Groups: inside a layer, things that are close to each other share a numbered group. Each entry \
-is a name, sometimes followed by a slash and a short description, e.g. "cup/white ceramic cup".
-3. Short captions: one-line descriptions of the whole photo by other captioners. They help with \
-the overall setting but can be imprecise.
-4. Relationships: phrases that connect things, followed by an arrow and the things they refer to.
-5. Landmark: the broad kind of place and a finer category of it.
-
-Describe only what the scene graph contains and never add things it does not list."""
-
-CAPTION_TASK = """\
-Scene graph of the photo:
-{scene_graph}
-
-Write a simple, natural caption of 2 to 4 sentences for this photo, as if you were looking at it \
-yourself. Say what the main things are, where they are and what they are doing. Do not talk about \
-the scene graph, its layers, groups or relationships, and do not explain anything: reply with the \
-caption only."""
+CAPTION_TASK = "Scene graph:\n{scene_graph}"
 
 REGENERATE_TASK = (
     CAPTION_TASK
     + """
 
-The previous caption had these problems: {issues}. Write a new caption that fixes them."""
+A previous caption had these problems: {issues}. Write a new caption without them."""
 )
 
+#: Version 2: a shorter system turn and in-context examples the size of real scene graphs. With
+#: version 1 the 135M lite model copied whole sentences (and their objects) from the examples.
 DENSE_CAPTION = register(
     PromptTemplate(
         name="dense_caption",
-        version="1",
+        version="2",
         system=CAPTION_SYSTEM,
         user_template=CAPTION_TASK,
         examples_file="dense_caption.json",
@@ -55,12 +43,21 @@ DENSE_CAPTION = register(
 DENSE_CAPTION_REGENERATE = register(
     PromptTemplate(
         name="dense_caption_regenerate",
-        version="1",
+        version="2",
         system=CAPTION_SYSTEM,
         user_template=REGENERATE_TASK,
         examples_file="dense_caption.json",
         max_new_tokens=200,
     )
+)
+
+#: The same prompts with the answer started by the most confident thing of the graph
+#: (``level3.opener``): "A person", then the model goes on. A small model asked to "name the
+#: things" still drifts to whatever its examples showed; a started sentence keeps it on the photo.
+OPENER = "{lead}"
+DENSE_CAPTION_OPENER = with_prefix(DENSE_CAPTION, "dense_caption_opener", OPENER)
+DENSE_CAPTION_REGENERATE_OPENER = with_prefix(
+    DENSE_CAPTION_REGENERATE, "dense_caption_regenerate_opener", OPENER
 )
 
 DENSE_CAPTION_VERIFY = register(

@@ -12,14 +12,14 @@ from prompts.base import PromptTemplate, register
 SHORT_CAPTION = register(
     PromptTemplate(
         name="short_caption",
-        version="2",
+        version="3",
+        # Version 3: a three-sentence system turn and no trailing "Caption:". The 135M lite model
+        # answered version 2's longer instructions with chatter ("Boys, I'm so glad ...").
         system=(
-            "You write captions for photos you cannot see. You are given the image-level tags and the "
-            "objects a detector found in one photo. Write one short sentence describing the photo, "
-            "using only the listed objects and tags. Do not add objects, people, colours, counts or "
-            "places that are not listed. Answer with the sentence only."
+            "You write short photo captions. Use only the objects and tags you are given. "
+            "Answer with one sentence."
         ),
-        user_template="Tags: {tags}\nObjects: {objects}\nCaption:",
+        user_template="Tags: {tags}\nObjects: {objects}",
         # Two worked examples: without them the 135M lite model answers with chatter, not captions.
         examples_file="short_caption.json",
         max_new_tokens=48,

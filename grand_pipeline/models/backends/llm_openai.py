@@ -122,15 +122,17 @@ class OpenAICompatibleLLM(LLM):
 
     def _complete(self, prompt: ChatPrompt, temperature: float, seed: int) -> Generation:
         """One chat completion with bounded retries; failures become an error Generation."""
-        body = json.dumps(
-            {
-                "model": self.model_id,
-                "messages": prompt.messages,
-                "max_tokens": int(prompt.max_new_tokens),
-                "temperature": float(temperature),
-                "seed": int(seed),
-            }
-        ).encode()
+        request: dict[str, Any] = {
+            "model": self.model_id,
+            "messages": prompt.messages,
+            "max_tokens": int(prompt.max_new_tokens),
+            "temperature": float(temperature),
+            "seed": int(seed),
+        }
+        if llm_common.continues_answer(prompt):
+            # vLLM's OpenAI server continues a final assistant message with these two flags.
+            request.update(continue_final_message=True, add_generation_prompt=False)
+        body = json.dumps(request).encode()
         last_error = ""
         for attempt in range(self.max_retries + 1):
             try:

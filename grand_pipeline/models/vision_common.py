@@ -1,0 +1,149 @@
+"""Helpers shared by the torch vision backends of the ``full`` profile (SAM, CLIP, OWLv2, ...).
+
+- ``options`` / ``runtime``: a spec's options dict and its (device, dtype); device ``auto`` picks
+  CUDA when present, half precision on a CPU falls back to float32 (see ``hf_common``).
+- ``to_device``: host -> device copies from pinned memory with ``non_blocking``, so the copy of
+  one micro-batch overlaps the GPU work still queued from the previous one.
+- ``check_images``: one clear error for a non-RGB input instead of a shape error deep in a model.
+- ``word_tokenizer``: a word-level fast tokenizer over the tag vocabulary with the special tokens
+  at the ids a model family hard-codes (CLIP pools at the largest id, GroundingDINO masks BERT's
+  [CLS]/[SEP]/"." ids), for the tiny random-initialised variants.
+- ``tag_vocabulary``: the packaged LVIS + Objects365 class names (``assets/tag_vocabulary.txt``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from importlib import resources
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from grand_pipeline.models.hf_common import device_of, torch_dtype
+
+logger = logging.getLogger(__name__)
+
+VOCABULARY_FILE = "tag_vocabulary.txt"
+T = TypeVar("T")
+
+
+def options(spec: Any) -> dict[str, Any]:
+    return dict(getattr(spec, "options", None) or {})
+
+
+def runtime(spec: Any) -> tuple[torch.device, torch.dtype]:
+    device = device_of(spec)
+    return device, torch_dtype(spec, device)
+
+
+def seeded_build(seed: int, build: Callable[[], T]) -> T:
+    """``build()`` (a model, or a (model, processor) pair) under a private RNG seeded with ``seed``."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def to_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Copy ``x`` to ``device`` (pinned + non_blocking on CUDA), then cast floating tensors to ``dtype``."""
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    else:
+        x = x.to(device)
+    if dtype is not None and x.is_floating_point():
+        x = x.to(dtype)
+    return x
+
+
+def batch_to_device(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """A processor's output (a mapping of tensors) on ``device``; only pixel-like floats take ``dtype``."""
+    return {
+        key: to_device(value, device, dtype) if isinstance(value, torch.Tensor) else value
+        for key, value in dict(batch).items()
+    }
+
+
+def check_images(images: list[np.ndarray], owner: str) -> list[np.ndarray]:
+    out = []
+    for image in images:
+        arr = np.asarray(image)
+        if arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) < 1 or arr.dtype != np.uint8:
+            raise ValueError(f"{owner}: expected RGB uint8 images (H, W, 3), got {arr.dtype} {arr.shape}")
+        # torch.from_numpy warns on read-only arrays (e.g. decoded by PIL); those are copied once.
+        out.append(np.ascontiguousarray(arr) if arr.flags.writeable else arr.copy())
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def tag_vocabulary() -> tuple[str, ...]:
+    """LVIS + Objects365 names: lowercased, underscores as spaces, deduplicated, file order."""
+    text = (resources.files("grand_pipeline") / "assets" / VOCABULARY_FILE).read_text(encoding="utf-8")
+    names = (line.strip().lower().replace("_", " ") for line in text.splitlines())
+    return tuple(dict.fromkeys(n for n in names if n and not n.startswith("#")))
+
+
+def vocabulary_words() -> list[str]:
+    """Every word of the tag vocabulary, for the tiny tokenizers (tags map to real ids)."""
+    words = (w for name in tag_vocabulary() for w in name.replace("/", " ").replace("-", " ").split())
+    return list(dict.fromkeys([*words, "a", "an", "the", "photo", "of", "and", "on", "with", ".", ",", "?"]))
+
+
+def word_tokenizer(
+    specials: dict[str, int], *, pad: str, unk: str, bos: str | None, eos: str | None, size: int = 0
+) -> Any:
+    """A word-level ``PreTrainedTokenizerFast``; ``specials`` pins tokens to ids (-1 = last id).
+
+    Free ids are filled with vocabulary words, then ``[unusedN]`` up to ``size`` tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = [w for w in vocabulary_words() if w not in specials]
+    total = max(size, len(specials) + len(words))
+    fixed = {(total - 1 if i < 0 else i): tok for tok, i in specials.items()}
+    vocab: dict[str, int] = {}
+    pending = iter(words)
+    for i in range(total):
+        token = fixed.get(i) or next(pending, None) or f"[unused{i}]"
+        vocab[token] = i
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    core.decoder = decoders.WordPiece(prefix="##")
+    if eos:
+        # The real tokenizers wrap a text as [bos] words eos; models pool at or mask by these ids.
+        template = f"{bos} $A {eos}" if bos else f"$A {eos}"
+        marks = [(t, vocab[t]) for t in (bos, eos) if t]
+        core.post_processor = processors.TemplateProcessing(single=template, special_tokens=marks)
+    named = {"pad_token": pad, "unk_token": unk}
+    if bos:
+        named["bos_token"] = bos
+    if eos:
+        named["eos_token"] = eos
+    return PreTrainedTokenizerFast(tokenizer_object=core, **named)
+
+
+@functools.lru_cache(maxsize=1)
+def fallback_queries() -> tuple[str, ...]:
+    """COCO-80 names: what an open-vocabulary detector looks for in an image without tags."""
+    import json
+
+    text = (resources.files("grand_pipeline") / "assets" / "coco80_labels.json").read_text(encoding="utf-8")
+    return tuple(json.loads(text))
+
+
+def image_queries(context: list[dict[str, Any]] | None, n: int, limit: int) -> list[list[str]]:
+    """Per image, its tag names (``Tag`` or str, best first, at most ``limit``), else the fallback."""
+    out = []
+    for i in range(n):
+        tags = (context[i].get("tags") if context and i < len(context) else None) or []
+        names = [str(getattr(t, "name", t)).strip().lower() for t in tags]
+        names = list(dict.fromkeys(x for x in names if x))[:limit]
+        out.append(names or list(fallback_queries())[:limit])
+    return out

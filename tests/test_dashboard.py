@@ -1,0 +1,170 @@
+"""``grand dashboard`` in a real headless Chromium: the page shows what ``grand status --json`` says."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from grand_pipeline.cli import app
+from grand_pipeline.dashboard import level_extras, make_server, shard_span, timeline
+from grand_pipeline.sample import make_sample
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+runner = CliRunner()
+
+
+def grand(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+# ---------------------------------------------------------------------------------- pure parts
+def test_span_uses_started_finished_then_committed_at_minus_seconds() -> None:
+    assert shard_span({"started": 100.0, "finished": 110.0, "seconds": 3}) == (100.0, 110.0)
+    assert shard_span({"committed_at": 50.0, "seconds": 5}) == (45.0, 50.0)
+    assert shard_span({"finished": "1970-01-01T00:01:40Z", "duration_s": 10}) == (90.0, 100.0)
+    assert shard_span({"rows": 3, "seconds": 2}) is None  # an old marker: no time at all
+
+
+def test_timeline_spreads_rows_over_each_shard_span() -> None:
+    markers = {"a": {"rows": 10, "started": 0.0, "finished": 10.0}, "b": {"rows": 30, "started": 10.0,
+                                                                          "finished": 20.0}}
+    points = timeline(markers, bins=4)
+    assert [p["images_per_second"] for p in points] == [1.0, 1.0, 3.0, 3.0]
+    assert sum(p["images_per_second"] * 5.0 for p in points) == pytest.approx(40)
+
+
+def test_eta_from_commit_pace_and_graceful_without_timestamps() -> None:
+    entry = {"shards_total": 10, "shards_committed": 2}
+    timed = {"a": {"rows": 4, "started": 0.0, "finished": 50.0}, "b": {"rows": 4, "started": 50.0,
+                                                                        "finished": 100.0}}
+    extras = level_extras(entry, timed, now=200.0)
+    assert extras["eta_seconds"] == pytest.approx(400.0)  # 8 shards left at 2 shards / 100 s
+    assert extras["wall_images_per_second"] == pytest.approx(0.08)
+    untimed = level_extras(entry, {"a": {"rows": 4}, "b": {"rows": 4}}, now=200.0)
+    assert untimed["eta_seconds"] is None and untimed["timeline"] == []
+    assert level_extras({"shards_total": 2, "shards_committed": 2}, {}, 0.0)["eta_seconds"] == 0.0
+
+
+# ---------------------------------------------------------------------------- server + browser
+@pytest.fixture(scope="module")
+def run_output(tmp_path_factory, tiny_cfg) -> Path:
+    """Level 1 on two shards, level 2 on one of them: so level 2 is half done and has an ETA."""
+    folder = tmp_path_factory.mktemp("dash-in")
+    make_sample(str(folder), tiny_cfg, images=2, shard_id="sa_000000", start=1)
+    make_sample(str(folder), tiny_cfg, images=1, shard_id="sa_000001", start=3)
+    out = tmp_path_factory.mktemp("dash") / "out"
+    base = ["run", "-i", str(folder), "-o", str(out), "--profile", "tiny-lite", "--executor", "local"]
+    assert grand(*base).exit_code == 0
+    assert grand(*base, "--level", "2", "--shards", "sa_000000").exit_code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(run_output: Path):
+    srv = make_server(str(run_output), "127.0.0.1", 0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_port}"
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.mark.slow
+def test_server_is_read_only_and_local(server: str) -> None:
+    assert server.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(server + "/") as response:
+        assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+        assert b"/app.js" in response.read()
+    for path in ("/../pyproject.toml", "/level1/sa_000000.parquet", "/etc/passwd"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(server + path)
+        assert err.value.code == 404
+    post = urllib.request.Request(server + "/api/status", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(post)
+    assert err.value.code == 501
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
+        pytest.skip("needs Debian chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    # An explicit driver path: Selenium Manager never runs, so nothing is downloaded.
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.mark.slow
+def test_page_shows_the_numbers_of_grand_status(server: str, browser, run_output: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    result = grand("status", "--output", str(run_output), "--json")
+    assert result.exit_code == 0
+    status = json.loads(result.output)
+    browser.get(server + "/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"))
+    assert not browser.find_element(By.ID, "error").is_displayed()
+
+    rows = browser.find_elements(By.CSS_SELECTOR, "#levels tbody tr")
+    assert [int(r.get_attribute("data-level")) for r in rows] == [e["level"] for e in status["levels"]]
+    for entry in status["levels"]:
+        row = browser.find_element(By.CSS_SELECTOR, f'#levels tr[data-level="{entry["level"]}"]')
+
+        def text(field: str, row=row) -> str:
+            return row.find_element(By.CSS_SELECTOR, f'td[data-field="{field}"]').text
+
+        for field in ("shards_committed", "shards_total", "images_ok", "images_failed"):
+            assert text(field) == str(entry[field]), (entry["level"], field)
+        assert text("images_per_second") == f"{entry['images_per_second']:.2f}"
+    by_level = {e["level"]: e for e in status["levels"]}
+    assert (by_level[1]["shards_committed"], by_level[1]["shards_total"]) == (2, 2)
+    assert (by_level[2]["shards_committed"], by_level[2]["shards_total"]) == (1, 2)
+    eta = browser.find_element(By.CSS_SELECTOR, '#levels tr[data-level="1"] td[data-field="eta_seconds"]')
+    assert eta.text == "done"
+    eta2 = browser.find_element(By.CSS_SELECTOR, '#levels tr[data-level="2"] td[data-field="eta_seconds"]')
+    assert eta2.text not in ("done", "unknown") and float(eta2.get_attribute("data-value")) > 0
+
+    # One throughput line per level, and a shard matrix equal to the CLI's.
+    lines = browser.find_elements(By.CSS_SELECTOR, "#chart polyline")
+    assert sorted(int(p.get_attribute("data-level")) for p in lines) == [1, 2]
+    cells = browser.find_elements(By.CSS_SELECTOR, "#matrix tbody td[data-state]")
+    shown = {(c.find_element(By.XPATH, "..").get_attribute("data-shard"), c.get_attribute("data-level"),
+              c.get_attribute("data-state")) for c in cells}
+    expected = {(shard, lvl, state) for shard, row in status["matrix"].items() for lvl, state in row.items()}
+    assert shown == expected
+    failures = browser.find_elements(By.CSS_SELECTOR, "#failures tbody tr[data-name]")
+    assert {(int(f.get_attribute("data-level")), f.get_attribute("data-name")) for f in failures} == {
+        (e["level"], stage) for e in status["levels"] for stage in e["failures_by_stage"]
+    }
+
+
+@pytest.mark.slow
+def test_status_prints_throughput_eta_and_the_shard_matrix(run_output: Path) -> None:
+    result = grand("status", "--output", str(run_output))
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert lines[0].split()[-4:] == ["img/s", "wall", "img/s", "ETA"]
+    level1 = next(line for line in lines if line.startswith("1 "))
+    level2 = next(line for line in lines if line.startswith("2 "))
+    assert level1.split()[1] == "2/2" and level1.split()[-1] == "done"
+    assert level2.split()[1] == "1/2" and level2.split()[-1] not in ("done", "unknown")
+    rows = {line.split()[0]: line.split()[1:] for line in lines if line.startswith("sa_")}
+    assert rows == {"sa_000000": ["x", "x"], "sa_000001": ["x", "."]}
