@@ -50,15 +50,18 @@ LABELS = ("cup", "table", "person", "car", "tree", "dog", "chair", "bottle", "wi
 INJECT_AFTER = "vote"
 
 
-def synthetic_image(rng: np.random.Generator, n_objects: int) -> tuple[np.ndarray, list[list[float]]]:
+def synthetic_image(
+    rng: np.random.Generator, n_objects: int, height: int = HEIGHT, width: int = WIDTH
+) -> tuple[np.ndarray, list[list[float]]]:
     """A smooth background with ``n_objects`` filled rectangles; returns (image, xyxy boxes)."""
-    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     base = rng.uniform(40, 200, size=3)
-    image = np.stack([base[c] + 40 * np.sin(xx / (150 + 50 * c)) * np.cos(yy / 210) for c in range(3)], -1)
+    k = width / WIDTH
+    image = np.stack([base[c] + 40 * np.sin(xx / (k * (150 + 50 * c))) * np.cos(yy / (k * 210)) for c in range(3)], -1)
     boxes = []
     for _ in range(n_objects):
-        w, h = rng.uniform(60, 700), rng.uniform(60, 600)
-        x1, y1 = rng.uniform(0, WIDTH - w), rng.uniform(0, HEIGHT - h)
+        w, h = k * rng.uniform(60, 700), k * rng.uniform(60, 600)
+        x1, y1 = rng.uniform(0, width - w), rng.uniform(0, height - h)
         image[int(y1) : int(y1 + h), int(x1) : int(x1 + w)] = rng.uniform(0, 255, size=3)
         boxes.append([round(x1, 2), round(y1, 2), round(x1 + w, 2), round(y1 + h, 2)])
     return np.clip(image, 0, 255).astype(np.uint8), boxes
@@ -119,7 +122,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def profile_levels(cfg: GrandConfig, images: int, objects: tuple[int, int], device: str, seed: int) -> list[dict]:
+def profile_levels(
+    cfg: GrandConfig, images: int, objects: tuple[int, int], device: str, seed: int, size: tuple[int, int]
+) -> list[dict]:
     """Rows {level, stage, backends, load_s, seconds} for levels 1 and 2 over synthetic images."""
     rng = np.random.default_rng(seed)
     hub = ModelHub(cfg.models, cfg.plugins)
@@ -141,8 +146,8 @@ def profile_levels(cfg: GrandConfig, images: int, objects: tuple[int, int], devi
         out = []
         for _ in range(n):
             k = int(rng.integers(objects[0], objects[1] + 1))
-            image, boxes = synthetic_image(rng, k)
-            record = ImageRecord(image_id=f"syn_{len(counts)}", shard_id="syn", width=WIDTH, height=HEIGHT, image=image)
+            image, boxes = synthetic_image(rng, k, *size)
+            record = ImageRecord(image_id=f"syn_{len(counts)}", shard_id="syn", width=size[1], height=size[0], image=image)
             record.fields["_drawn"] = drawn_objects(boxes, rng)
             counts.append(k)
             out.append(record)
@@ -226,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=0, help="timed images (default 16 full, 2 tiny)")
     parser.add_argument("--objects", type=int, nargs=2, default=(20, 50), metavar=("MIN", "MAX"))
     parser.add_argument("--workdir", default="", help="where the random full-size weights go (default: a temp dir)")
+    parser.add_argument("--scale", type=float, default=0.0,
+                        help="image side scale vs 1500x2250 (default 1 full, 0.25 tiny: the tiny OWLv2's "
+                             "32 px processor blurs a full-size image for minutes on a CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -245,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.tiny:
             cfg = full_size_config(Path(workdir), notes)
         started = time.perf_counter()
-        rows = profile_levels(cfg, images, tuple(args.objects), device, args.seed)
+        scale = args.scale or (0.25 if args.tiny else 1.0)
+        size = (round(HEIGHT * scale), round(WIDTH * scale))
+        rows = profile_levels(cfg, images, tuple(args.objects), device, args.seed, size)
         counts = rows.pop()["objects"]
         if not args.tiny:
             llm = profile_llm(images, notes)
@@ -254,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             notes.append("skipped llm: levels 3-4 run vLLM, GPU only")
     header = {"device": name.replace(" ", "_"), "mode": "tiny" if args.tiny else "full", "images": str(images),
-              "size": f"{WIDTH}x{HEIGHT}", "objects": f"{min(counts)}-{max(counts)}",
+              "size": f"{size[1]}x{size[0]}", "objects": f"{min(counts)}-{max(counts)}",
               "mean_objects": f"{np.mean(counts):.1f}", "wall_s": f"{time.perf_counter() - started:.1f}"}  # fmt: skip
     print(render(rows, header, notes))
     return 0

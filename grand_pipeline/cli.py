@@ -109,6 +109,8 @@ def run(
     wanted = parse_levels(level, levels)
     request = driver.RunRequest(input, output, wanted, mode, shards, limit)  # type: ignore[arg-type]
     bars: dict[int, Any] = {}
+    rows: dict[int, int] = {}
+    started = time.monotonic()
 
     def on_event(event: dict[str, Any]) -> None:
         from tqdm import tqdm
@@ -117,8 +119,12 @@ def run(
             for lvl, count in event["planned"].items():
                 bars[lvl] = tqdm(total=count, desc=f"level {lvl}", unit="shard", file=sys.stderr)
         elif event["type"] == "committed" and event["level"] in bars:
-            bars[event["level"]].update(1)
-            bars[event["level"]].set_postfix(ok=event["ok"], failed=event["failed"])
+            lvl = event["level"]
+            rows[lvl] = rows.get(lvl, 0) + int(event.get("rows") or 0)
+            # Wall-clock images/s of this level since the run began: what the run really delivers.
+            rate = rows[lvl] / max(time.monotonic() - started, 1e-9)
+            bars[lvl].update(1)
+            bars[lvl].set_postfix(ok=event["ok"], failed=event["failed"], img_s=f"{rate:.2f}")
         elif event["type"] == "shard_error":
             tqdm.write(f"level {event['level']} shard {event['shard']}: {event['error']}", file=sys.stderr)
 
@@ -266,6 +272,60 @@ def export(
     _setup_logging(verbose)
     count = run_export(output, format_, to)
     typer.echo(f"exported {count} image(s) to {to} (summary: {SUMMARY_NAME})")
+
+
+@app.command("retry-failed")
+@friendly
+def retry_failed(
+    output: Annotated[str, typer.Option("--output", "-o", help="Output folder or URI of a run.")],
+    level: Annotated[int, typer.Option(help="Level whose error rows are recomputed.")],
+    input: Annotated[str | None, typer.Option("--input", "-i", help="Input (default: the run's).")] = None,
+    profile: Annotated[str, typer.Option(help="The run's profile.")] = "lite",
+    config: Annotated[str | None, typer.Option(help="The run's --config.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="The run's --set overrides.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Recompute only the failed images of a level (and their rows in the levels after it)."""
+    from grand_pipeline.config import load_config
+    from grand_pipeline.retry import retry_failed as run_retry
+
+    _setup_logging(verbose)
+    cfg = load_config(profile, config, set_ or [])
+    summary = run_retry(cfg, output, level, input)
+    if not summary.recomputed:
+        typer.echo(f"level {level}: no failed images in committed shards")
+        return
+    for lvl, shards in sorted(summary.recomputed.items()):
+        typer.echo(f"level {lvl}: {sum(map(len, shards.values()))} image(s) recomputed in {len(shards)} shard(s)")
+    typer.echo(f"level {level}: {summary.fixed} fixed, {summary.still_failed} still failed "
+               f"(attempt {summary.attempt})")
+
+
+@app.command()
+@friendly
+def plan(
+    output: Annotated[str, typer.Option("--output", "-o", help="Output folder or URI of a run.")],
+    gpus: Annotated[float, typer.Option(help="GPU budget to split between the levels.")],
+    profile: Annotated[str, typer.Option(help="Profile whose pools give GPUs per actor.")] = "lite",
+    config: Annotated[str | None, typer.Option(help="YAML merged over the profile.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="dotted.key=value override.")] = None,
+) -> None:
+    """Actors and GPUs per level from measured throughput, and an ETA for the remaining shards."""
+    from grand_pipeline.config import load_config
+    from grand_pipeline.plan import make_plan
+
+    result = make_plan(load_config(profile, config, set_ or []), output, gpus)
+    typer.echo(f"{'level':<6}{'s/img':>9}{'gpu/act':>8}{'actors':>7}{'gpus':>6}{'cpus':>6}"
+               f"{'img/s':>9}{'left':>6}  bottleneck stage")
+    for lv in result.levels:
+        typer.echo(f"{lv.level:<6}{lv.seconds_per_image:>9.3f}{lv.gpus_per_actor:>8.2f}{lv.actors:>7}"
+                   f"{lv.gpus:>6.1f}{lv.actors * lv.cpus_per_actor:>6.0f}{lv.images_per_s:>9.2f}"
+                   f"{lv.shards_remaining:>6}  {lv.bottleneck_stage or '-'}")
+    for level in result.unmeasured:
+        typer.echo(f"level {level}: no committed shard to measure; run a calibration shard first")
+    eta = result.eta_s()
+    typer.echo(f"pipeline: {result.images_per_s:.2f} img/s with {result.gpus_used:g}/{gpus:g} GPUs; "
+               f"ETA {eta / 3600:.2f} h ({eta:.0f} s) for the remaining shards")
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m`

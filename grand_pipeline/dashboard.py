@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from datetime import datetime
 from http import HTTPStatus
@@ -32,6 +33,8 @@ STATIC = {
 }
 API_PATH = "/api/status"
 TIMELINE_BINS = 40
+#: Committed shards whose pace the ETA extrapolates.
+ETA_WINDOW = 50
 
 # Scripts and styles come from this server only: no inline code, no third-party origin.
 _SECURITY_HEADERS = {
@@ -117,9 +120,12 @@ def level_extras(entry: dict, markers: dict[str, dict], now: float) -> dict[str,
         if wall > 0:
             timed_rows = sum(int(m.get("rows", 0)) for m in markers.values() if shard_span(m))
             extras["wall_images_per_second"] = timed_rows / wall
-            if remaining:
-                # Shards committed per wall second so far; the run's own pace, not per actor.
-                extras["eta_seconds"] = remaining / (len(spans) / wall)
+        if remaining and end > start:
+            # The pace of the latest shards only: a run resumed a day later must not count the
+            # idle day. Whole-run pace (all workers together), not one actor's.
+            recent = sorted(spans, key=lambda span: span[1])[-ETA_WINDOW:]
+            window = end - min(s for s, _ in recent)
+            extras["eta_seconds"] = remaining * window / len(recent) if window > 0 else None
     llm: dict[str, int] = {}
     checks: dict[str, int] = {}
     for m in markers.values():
@@ -149,13 +155,17 @@ def snapshot(store: Store) -> dict[str, Any]:
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "grand-dashboard"
-    store: Store  # set on the subclass made by make_server
+    # Set on the subclass made by make_server.
+    store: Store
+    min_interval: float
+    lock: threading.Lock
+    cache: tuple[float, bytes | None]
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         path = self.path.split("?", 1)[0]
         if path == API_PATH:
             try:
-                body = json.dumps(snapshot(self.store), sort_keys=True).encode()
+                body = self._snapshot_body()
             except Exception as exc:  # noqa: BLE001 - shown on the page; the server keeps serving
                 logger.exception("status snapshot failed")
                 body = json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
@@ -166,6 +176,16 @@ class _Handler(BaseHTTPRequestHandler):
             asset = resources.files("grand_pipeline") / "assets" / "dashboard" / name
             return self._send(HTTPStatus.OK, asset.read_bytes(), ctype)
         self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
+
+    def _snapshot_body(self) -> bytes:
+        # On an object store every snapshot lists and reads each level's markers; several open
+        # tabs polling every few seconds must not multiply that, so one snapshot serves them all.
+        with self.lock:
+            made, body = self.cache
+            if body is None or time.monotonic() - made >= self.min_interval:
+                body = json.dumps(snapshot(self.store), sort_keys=True).encode()
+                type(self).cache = (time.monotonic(), body)
+            return body
 
     def do_HEAD(self) -> None:  # noqa: N802
         self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"", "text/plain")
@@ -186,10 +206,14 @@ class _Handler(BaseHTTPRequestHandler):
         logger.info("%s %s", self.address_string(), format % args)
 
 
-def make_server(output: str, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    """A server for ``output`` (not yet serving); port 0 picks a free one (``server_port``)."""
-    store = Store(output)
-    handler = type("DashboardHandler", (_Handler,), {"store": store})
+def make_server(
+    output: str, host: str = "127.0.0.1", port: int = 0, min_interval: float = 2.0
+) -> ThreadingHTTPServer:
+    """A server for ``output`` (not yet serving); port 0 picks a free one (``server_port``).
+    ``min_interval``: seconds a status snapshot is reused before the store is read again."""
+    attrs = {"store": Store(output), "min_interval": min_interval, "lock": threading.Lock(),
+             "cache": (0.0, None)}
+    handler = type("DashboardHandler", (_Handler,), attrs)
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     if host not in ("127.0.0.1", "localhost", "::1"):

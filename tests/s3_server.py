@@ -6,13 +6,14 @@ it reaches the endpoint through ``AWS_ENDPOINT_URL``, which botocore (and so s3f
 from __future__ import annotations
 
 import http.client
+import logging
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from moto.server import ThreadedMotoServer
 
-_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
+_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade", "expect"}
 _DENIED = b"<?xml version='1.0'?><Error><Code>AccessDenied</Code><Message>injected fault</Message></Error>"
 
 
@@ -33,6 +34,9 @@ class S3Endpoint:
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
+            # HTTP/1.1 answers botocore's "Expect: 100-continue" (HTTP/1.0 would leave it hanging).
+            protocol_version = "HTTP/1.1"
+
             def log_message(self, *args) -> None:  # keep pytest output clean
                 pass
 
@@ -69,6 +73,7 @@ class S3Endpoint:
         self.url = f"http://127.0.0.1:{self.proxy.server_address[1]}"
 
     def start(self) -> S3Endpoint:
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
         self.moto.start()
         threading.Thread(target=self.proxy.serve_forever, daemon=True).start()
         return self

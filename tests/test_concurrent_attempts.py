@@ -49,7 +49,7 @@ def test_two_concurrent_runs_commit_each_shard_exactly_once(shards, tmp_path) ->
     procs = [subprocess.Popen(_command(shards, out), cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=600) for p in procs]
-    for proc, (_, err) in zip(procs, results):
+    for proc, (_, err) in zip(procs, results, strict=True):
         assert proc.returncode == 0, err[-2000:]
 
     assert _snapshot(out) == expected

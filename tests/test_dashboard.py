@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from grand_pipeline.cli import app
-from grand_pipeline.dashboard import level_extras, make_server, shard_span, timeline
+from grand_pipeline.dashboard import ETA_WINDOW, level_extras, make_server, shard_span, timeline
 from grand_pipeline.sample import make_sample
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -50,6 +50,16 @@ def test_eta_from_commit_pace_and_graceful_without_timestamps() -> None:
     untimed = level_extras(entry, {"a": {"rows": 4}, "b": {"rows": 4}}, now=200.0)
     assert untimed["eta_seconds"] is None and untimed["timeline"] == []
     assert level_extras({"shards_total": 2, "shards_committed": 2}, {}, 0.0)["eta_seconds"] == 0.0
+
+
+def test_eta_follows_the_latest_shards_not_a_resume_gap() -> None:
+    day = 86_400.0
+    early = {f"a{i}": {"rows": 1, "started": i * 100.0, "finished": i * 100.0 + 100} for i in range(10)}
+    late = {f"b{i}": {"rows": 1, "started": day + i * 10.0, "finished": day + i * 10.0 + 10}
+            for i in range(ETA_WINDOW)}
+    entry = {"shards_total": 70 + ETA_WINDOW, "shards_committed": 10 + ETA_WINDOW}
+    extras = level_extras(entry, {**early, **late}, now=2 * day)
+    assert extras["eta_seconds"] == pytest.approx(60 * 10.0)  # 60 left at 10 s per shard
 
 
 # ---------------------------------------------------------------------------- server + browser
@@ -168,3 +178,27 @@ def test_status_prints_throughput_eta_and_the_shard_matrix(run_output: Path) -> 
     assert level2.split()[1] == "1/2" and level2.split()[-1] not in ("done", "unknown")
     rows = {line.split()[0]: line.split()[1:] for line in lines if line.startswith("sa_")}
     assert rows == {"sa_000000": ["x", "x"], "sa_000001": ["x", "."]}
+
+
+@pytest.mark.slow
+def test_grand_dashboard_command_serves_the_status(run_output: Path) -> None:
+    import re
+    import subprocess
+    import sys
+
+    grand_bin = Path(sys.executable).parent / "grand"
+    proc = subprocess.Popen([str(grand_bin), "dashboard", "--output", str(run_output), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert match, line + proc.stderr.read() if proc.poll() is not None else line
+        with urllib.request.urlopen(f"http://127.0.0.1:{match.group(1)}/api/status") as response:
+            served = json.loads(response.read())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    status = json.loads(grand("status", "--output", str(run_output), "--json").output)
+    for got, want in zip(served["levels"], status["levels"], strict=True):
+        assert {k: got[k] for k in want} == want  # the CLI's keys, unchanged
+    assert served["matrix"] == status["matrix"] and served["run"]["profile"] == "tiny-lite"

@@ -95,6 +95,18 @@ def test_runtime_envs_use_only_ray_fields() -> None:
         check_runtime_env({"env_var": {"A": "1"}})
 
 
+def test_cluster_launcher_yaml_follows_rays_own_schema() -> None:
+    import jsonschema  # a dependency of ray
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    config = load("cluster.yaml")
+    jsonschema.validate(config, schema)
+    config["available_node_types"]["level1_gpu"]["min_worker"] = 0  # a typo must not pass
+    with pytest.raises(jsonschema.ValidationError, match="min_worker"):
+        jsonschema.validate(config, schema)
+
+
 def _group_resources(params: dict) -> dict[str, float]:
     raw = params.get("resources", "")
     return json.loads(raw.strip("'\"").replace('\\"', '"')) if raw else {}
@@ -204,3 +216,52 @@ def test_a_renamed_metric_is_reported_by_name() -> None:
     broken = copy.deepcopy(dashboard)
     text = json.dumps(broken).replace("ray_grand_llm_attempts_total", "ray_grand_llm_tries_total")
     assert unknown_metrics(json.loads(text)) == {"ray_grand_llm_tries_total"}
+
+
+def _scrape_ray_metrics(port: int, wanted: set[str], timeout: float = 120.0) -> set[str]:
+    import time
+    import urllib.request
+
+    names: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(2)
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        except OSError:
+            continue
+        names = {line.split("{")[0].split(" ")[0] for line in body.splitlines() if line.startswith("ray_")}
+        if all(any(n.startswith(f"ray_{w}") for n in names) for w in wanted):
+            break
+    return names
+
+
+@pytest.mark.slow
+def test_grafana_queries_match_what_ray_really_exports() -> None:
+    """Record every metric once in a real Ray process and scrape Ray's Prometheus endpoint."""
+    import socket
+
+    import ray
+
+    from grand_pipeline.metrics import PipelineMetrics, record_llm_attempt
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(num_cpus=1, include_dashboard=False, _metrics_export_port=port, log_to_driver=False)
+    try:
+        metrics = PipelineMetrics(ray_enabled=True)
+        metrics.shards_planned({1: 5})
+        metrics.stage_done(1, "tags", ok=3, failed=1, seconds=0.2)
+        metrics.in_flight(1, 2)
+        metrics.shard_committed(1)
+        metrics.shard_failed(1)
+        with metrics.active(3):
+            record_llm_attempt(False, ["has 9 sentences; it needs 4 to 6"])
+        scraped = _scrape_ray_metrics(port, set(METRIC_NAMES.values()))
+    finally:
+        ray.shutdown()
+    dashboard = json.loads((DEPLOY / "grafana" / "grand.json").read_text())
+    used = set().union(*(promql_metrics(q) for q in dashboard_queries(dashboard)))
+    assert used, "no queries found"
+    assert used <= scraped, f"on the dashboard but not exported by Ray: {sorted(used - scraped)}"

@@ -23,13 +23,13 @@ def lite_output(tmp_path_factory) -> Path:
     cfg = load_config("lite")
     root = tmp_path_factory.mktemp("lite")
     make_sample(str(root / "input"), cfg, images=2)  # sa_1 astronaut, sa_2 coffee
-    summary = run(cfg, RunRequest(str(root / "input"), str(root / "out"), [1]), executor="ray")
-    assert summary.committed == {1: 1} and not summary.failed
+    summary = run(cfg, RunRequest(str(root / "input"), str(root / "out"), [1, 2, 3, 4]), executor="ray")
+    assert summary.committed == {1: 1, 2: 1, 3: 1, 4: 1} and not summary.failed
     return root / "out"
 
 
-def _rows(out: Path) -> dict[str, dict]:
-    table = pq.read_table(out / "level1" / "sa_000000.parquet", use_threads=False)
+def _rows(out: Path, level: int = 1) -> dict[str, dict]:
+    table = pq.read_table(out / f"level{level}" / "sa_000000.parquet", use_threads=False)
     return {row["image_id"]: row for row in table.to_pylist()}
 
 
@@ -77,3 +77,32 @@ def test_show_draws_the_cup(lite_output: Path, tmp_path: Path) -> None:
     with Image.open(png) as img:
         pixels = np.asarray(img.convert("RGB"))
     assert pixels.shape[1] == 600 and pixels.shape[0] > 400
+
+
+@pytest.mark.parametrize(("image_id", "label"), [("sa_1", "person"), ("sa_2", "cup")])
+def test_dense_caption_names_the_detected_object_and_grounds_it(lite_output: Path, image_id, label) -> None:
+    """Issue 3's acceptance: the Level-3 caption mentions the detected person / cup, that phrase
+    is grounded to that object's id, and its offsets slice the caption to exactly the phrase."""
+    row = _rows(lite_output, 3)[image_id]
+    assert row["status"] == "ok", row["error"]
+    dense = row["dense_caption"]
+    caption = dense["caption"]
+    assert dense["attempts"], "no attempt was recorded"
+    by_id = {o["id"]: o for o in row["objects"] + row["floating_objects"]}
+    target = _find(row, label)
+    hits = [d for d in dense["details"] if target["id"] in d["ids"]]
+    assert hits, f"{label!r} (id {target['id']}) is not grounded in {caption!r}: {dense['details']}"
+    for detail in dense["details"]:
+        start, end = detail["tokens_positive"]
+        assert caption[start:end] == detail["phrase"]
+        assert all(i in by_id for i in detail["ids"])
+    assert any(label in d["phrase"].lower() for d in hits), [d["phrase"] for d in hits]
+
+
+def test_show_colours_the_grounded_phrase(lite_output: Path, tmp_path: Path) -> None:
+    page = Path(render(str(lite_output), "sa_2", str(tmp_path / "coffee.html"))).read_text()
+    row = _rows(lite_output, 4)["sa_2"]
+    cup = _find(row, "cup")
+    phrase = next(d["phrase"] for d in row["dense_caption"]["details"] if cup["id"] in d["ids"])
+    assert '<p class="dense-caption">' in page
+    assert f">{phrase}</span>" in page  # the phrase is wrapped in its object's colour

@@ -163,6 +163,12 @@ def test_ultralytics_checkpoint_export_and_pickle_refusal(photo: np.ndarray, tmp
     direct = ud.UltralyticsDetector(ModelSpec("ultralytics", "tiny:0", options={"score_threshold": 0.0}))
     a, b = ud.UltralyticsDetector(spec).detect([photo])[0], direct.detect([photo])[0]
     np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+    # Trusted explicitly, the pickled file loads through ultralytics' own loader to the same model.
+    trusted = ModelSpec(
+        "ultralytics", str(pickled), options={"trust_pickle": True, "score_threshold": 0.0, "imgsz": 320}
+    )
+    c = ud.UltralyticsDetector(trusted).detect([photo])[0]
+    np.testing.assert_allclose(c.boxes, b.boxes, atol=1e-3)
 
 
 def test_tiny_folders_load_with_the_hub_offline(tmp_path) -> None:

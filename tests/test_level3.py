@@ -350,3 +350,37 @@ def stage_wiring(level: int) -> tuple[set[str], list[str]]:
 
 def test_level3_stages_are_wired_and_cover_exactly_the_level3_columns():
     assert stage_wiring(3) == ({f.name for f in LEVEL3_FIELDS}, [])
+
+
+# ----------------------------------------------------------------------------- opener (lite)
+
+
+def test_lead_is_a_person_when_one_is_shown_else_the_most_confident_object():
+    from levels.level3.scene_graph import lead_phrase
+
+    cup, table, man = (make_obj(1, [0, 0, 9, 9], "cup", 1.0), make_obj(2, [0, 0, 9, 9], "table", 1.0),
+                       make_obj(3, [0, 0, 9, 9], "man", 1.0))  # fmt: skip
+    cup["score"], table["score"], man["score"] = 0.5, 0.8, 0.3
+    people = ["person", "man", "woman"]
+    assert lead_phrase([cup, table], people) == "A table"
+    assert lead_phrase([cup, table, man], people) == "A man"
+    assert lead_phrase([make_obj(4, [0, 0, 9, 9], "apple", 1.0)], people) == "An apple"
+    assert lead_phrase([], people) == ""
+
+
+def test_opener_starts_the_answer_and_is_kept_in_the_caption_and_attempts():
+    script = {
+        "dense_caption_opener": ["with white ceramic sides stands on a saucer. The saucer rests on a wooden table."],
+        "dense_caption_verify": CHECKLISTS,
+    }
+    rec = make_record()
+    llm = run_level3([rec], make_cfg({"script": script}, opener=True, first_temperature=0.0))
+    dense = rec.fields["dense_caption"]
+    # table_objects() all score 0.9 and none is a person: the lowest id wins the tie (the cup).
+    expected = "A cup with white ceramic sides stands on a saucer. The saucer rests on a wooden table."
+    assert dense["caption"] == expected and dense["attempts"][0]["text"] == expected
+    first = llm.calls[0][0]
+    assert first.prefix_key.startswith("dense_caption_opener@")
+    assert first.messages[-1] == {"role": "assistant", "content": "A cup"}
+    assert llm.temperatures[0] == 0.0  # greedy first attempt
+    assert {"prompt": "dense_caption_opener", "version": "2"} in rec.fields["prompt_versions"]

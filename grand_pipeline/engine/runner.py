@@ -86,7 +86,11 @@ class LevelRunner:
                 self.spec.from_previous(record, row)
             yield record
 
-    def run_shard(self, ref: ShardRef, output_uri: str) -> tuple[pa.Table, dict[str, Any]]:
+    def run_shard(
+        self, ref: ShardRef, output_uri: str, only: set[str] | None = None
+    ) -> tuple[pa.Table, dict[str, Any]]:
+        """The level's table for ``ref``; with ``only``, just the rows of those image ids
+        (``grand retry-failed``), in source order."""
         start = time.perf_counter()
         started = time.time()
         before = self.metrics.stage_seconds.copy()
@@ -97,7 +101,10 @@ class LevelRunner:
         def hook(stage: str, ok: int, failed: int, seconds: float) -> None:
             self.metrics.stage_done(self.level, stage, ok, failed, seconds)
 
-        for batch in micro_batches(self._records(ref, output_uri), micro):
+        records = self._records(ref, output_uri)
+        if only is not None:
+            records = (record for record in records if record.image_id in only)
+        for batch in micro_batches(records, micro):
             with self.metrics.active(self.level):  # LLM attempts count against this level
                 for stage in self.stages:
                     stage(batch, hook)

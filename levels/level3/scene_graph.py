@@ -177,11 +177,16 @@ def relationship_lines(fields: dict[str, Any], group_of: dict[int, int], names: 
     return lines
 
 
-def lead_phrase(objects: list[dict[str, Any]]) -> str:
-    """"A <label>" for the most confident shown object ("" for none): the caption opener."""
+def lead_phrase(objects: list[dict[str, Any]], person_labels: list[str]) -> str:
+    """"A <label>" for the caption opener ("" for no objects): a person if the graph shows one,
+    since captions lead with people, else the most confident shown object."""
     if not objects:
         return ""
-    best = max(objects, key=lambda o: (float(o.get("score") or 0.0), -int(o["id"])))
+    people = {p.lower() for p in person_labels}
+    best = max(
+        objects,
+        key=lambda o: (object_label(o).lower() in people, float(o.get("score") or 0.0), -int(o["id"])),
+    )
     label = object_label(best)
     return f"{'An' if label[:1].lower() in 'aeiou' else 'A'} {label}"
 
@@ -212,5 +217,6 @@ class SceneGraphStage(Stage):
             text, names = render_graph(record.fields, layered)
             record.fields["scene_graph"] = text
             record.fields["scene_objects"] = names
-            record.fields["scene_lead"] = lead_phrase([o for _, groups in layered for g in groups for o in g])
+            shown = [o for _, groups in layered for g in groups for o in g]
+            record.fields["scene_lead"] = lead_phrase(shown, self.cfg.level1.person.labels)
             logger.debug("%s: scene graph of %d objects, %d chars", record.image_id, len(objects), len(text))

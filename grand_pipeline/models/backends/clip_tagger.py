@@ -64,7 +64,8 @@ def _tiny_siglip() -> tuple[Any, Any]:
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
 
     tok = word_tokenizer({"<pad>": 0, "<unk>": 1, "</s>": 2}, pad="<pad>", unk="<unk>", bos=None, eos="</s>")
-    text = {**TINY_TEXT, "vocab_size": len(tok), "max_position_embeddings": 16, "pad_token_id": 0}
+    ids = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 2}
+    text = {**TINY_TEXT, "vocab_size": len(tok), "max_position_embeddings": 16, **ids}
     config = SiglipConfig(text_config=text, vision_config=TINY_VISION)
     image = SiglipImageProcessor(size={"height": 32, "width": 32})
     return SiglipModel(config), SiglipProcessor(image_processor=image, tokenizer=tok)
