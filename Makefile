@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO ?= demo_out
 
-.PHONY: help install demo test test-fast bench lint clean
+.PHONY: help install demo test test-fast bench bench-gpu lint clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -42,6 +42,9 @@ test-fast: install  ## everything but the slow end-to-end tests
 
 bench: install  ## side-by-side throughput ratios
 	$(BIN)/python -m benchmarks.run
+
+bench-gpu: install  ## GPU-seconds per image per stage, full-profile models at full size, random weights (CUDA)
+	$(BIN)/python -m benchmarks.gpu_profile
 
 lint: install  ## ruff + mypy
 	$(BIN)/ruff check grand_pipeline levels prompts tests

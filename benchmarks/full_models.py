@@ -69,6 +69,26 @@ DEPTH_ANYTHING_V2_L = {
     "patch_size": 14, "reassemble_hidden_size": 1024, "neck_hidden_sizes": [256, 512, 1024, 1024],
     "fusion_hidden_size": 256, "head_hidden_size": 32,
 }  # fmt: skip
+#: IDEA-Research/grounding-dino-base (Swin-B 384 backbone, BERT-base text encoder, 900 queries).
+GROUNDING_DINO_B = {
+    "backbone_config": {"model_type": "swin", "embed_dim": 128, "depths": [2, 2, 18, 2],
+                        "num_heads": [4, 8, 16, 32], "window_size": 12, "image_size": 384,
+                        "out_features": ["stage2", "stage3", "stage4"]},
+    "text_config": {"model_type": "bert", "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12,
+                    "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512},
+    "d_model": 256, "num_queries": 900, "max_text_len": 256, "encoder_layers": 6, "decoder_layers": 6,
+}  # fmt: skip
+#: openai/clip-vit-base-patch32: YOLO-World's text tower.
+CLIP_B32 = {
+    "text_config": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+                    "num_attention_heads": 8, "vocab_size": 49408, "max_position_embeddings": 77,
+                    "pad_token_id": 1, "bos_token_id": 49406, "eos_token_id": 2},
+    "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                      "num_attention_heads": 12, "image_size": 224, "patch_size": 32},
+    "projection_dim": 512,
+}  # fmt: skip
+#: ultralytics architecture yaml + scale of each full-profile member (ultralytics ships the yamls).
+ULTRALYTICS = {"rtdetr": ("rtdetr-x.yaml", "x"), "yoloworld": ("yolov8x-worldv2.yaml", "x"), "yolo": ("yolo11x.yaml", "x")}
 
 
 def _save(model: torch.nn.Module, processor: Any, folder: Path) -> Path:
@@ -86,7 +106,7 @@ def _make(cls: Any, config: Any, device: str, dtype: torch.dtype) -> torch.nn.Mo
         return cls._from_config(config, dtype=dtype).eval()
 
 
-def clip_model(folder: Path, device: str, dtype: torch.dtype) -> Path:
+def clip_model(folder: Path, device: str, dtype: torch.dtype, arch: dict[str, Any] = CLIP_L14) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     from grand_pipeline.models.vision_common import word_tokenizer
@@ -95,7 +115,7 @@ def clip_model(folder: Path, device: str, dtype: torch.dtype) -> Path:
         {"<|pad|>": 1, "<|unk|>": 0, "<|startoftext|>": 49406, "<|endoftext|>": -1},
         pad="<|pad|>", unk="<|unk|>", bos="<|startoftext|>", eos="<|endoftext|>", size=49408,
     )  # fmt: skip
-    model = _make(CLIPModel, CLIPConfig(**CLIP_L14), device, dtype)
+    model = _make(CLIPModel, CLIPConfig(**arch), device, dtype)
     image = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
     return _save(model, CLIPProcessor(image_processor=image, tokenizer=tok), folder)
 
@@ -160,6 +180,46 @@ def depth_anything_model(folder: Path, device: str, dtype: torch.dtype) -> Path:
     return _save(model, processor, folder)
 
 
+def grounding_dino_model(folder: Path, device: str, dtype: torch.dtype) -> Path:
+    from transformers import (
+        BertConfig,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+
+    from grand_pipeline.models.backends.grounding_dino import BERT_SPECIALS
+    from grand_pipeline.models.vision_common import word_tokenizer
+
+    tok = word_tokenizer(BERT_SPECIALS, pad="[PAD]", unk="[UNK]", bos="[CLS]", eos="[SEP]", size=30522)
+    tok.model_max_length = 256
+    strip = lambda d: {k: v for k, v in d.items() if k != "model_type"}  # noqa: E731
+    config = GroundingDinoConfig(**{**GROUNDING_DINO_B,
+                                    "backbone_config": SwinConfig(**strip(GROUNDING_DINO_B["backbone_config"])),
+                                    "text_config": BertConfig(**strip(GROUNDING_DINO_B["text_config"]))})  # fmt: skip
+    model = _make(GroundingDinoForObjectDetection, config, device, dtype)
+    image = GroundingDinoImageProcessor(size={"shortest_edge": 800, "longest_edge": 1333})
+    return _save(model, GroundingDinoProcessor(image_processor=image, tokenizer=tok), folder)
+
+
+def ultralytics_model(folder: Path, device: str, dtype: torch.dtype, family: str) -> Path:  # noqa: ARG001
+    """``model.yaml`` + ``weights.pt`` (the backend's converted layout), plus YOLO-World's text tower."""
+    from grand_pipeline.models.backends import ultralytics_detector as ud
+    from grand_pipeline.models.vision_common import fallback_queries
+
+    source, scale = ULTRALYTICS[family]
+    cfg = {k: v for k, v in ud._tasks().yaml_model_load(source).items() if k != "yaml_file"}
+    names = list(fallback_queries())
+    cfg.update(scale=scale, nc=len(names), names=names)
+    folder.mkdir(parents=True, exist_ok=True)
+    ud._save(folder, cfg, ud.build_model(cfg))  # float32 state dict, as export_checkpoint writes
+    if family == "yoloworld":
+        clip_model(folder / ud.TEXT_DIR, device, dtype, CLIP_B32)
+    return folder
+
+
 def sam_model(folder: Path, device: str, dtype: torch.dtype) -> Path:  # noqa: ARG001
     from grand_pipeline.models.backends.sam import build_sam
 
@@ -182,7 +242,25 @@ BUILDERS: dict[str, Callable[[Path, str, torch.dtype], Path]] = {
     "owlv2": owlv2_model,
     "hf_depth": depth_anything_model,
     "sam": sam_model,
+    "grounding_dino": grounding_dino_model,
 }
+
+
+def builder_for(spec: Any) -> Callable[[Path, str, torch.dtype], Path] | None:
+    """The full-size builder of a ModelSpec; ultralytics members pick theirs by family."""
+    if spec.backend == "ultralytics":
+        family = str((spec.options or {}).get("family", "yolo"))
+        if "world" in str(spec.model):
+            family = "yoloworld"
+        elif "rtdetr" in str(spec.model):
+            family = "rtdetr"
+
+        def build(folder: Path, device: str, dtype: torch.dtype) -> Path:
+            return ultralytics_model(folder, device, dtype, family)
+
+        build.__name__ = f"ultralytics_{family}"
+        return build
+    return BUILDERS.get(spec.backend)
 
 
 def parameter_count(backend: str) -> int:
@@ -209,6 +287,16 @@ def parameter_count(backend: str) -> int:
         config = transformers.DepthAnythingConfig(**{**DEPTH_ANYTHING_V2_L, "backbone_config": backbone})
         with torch.device("meta"):
             model = transformers.AutoModelForDepthEstimation.from_config(config)
+        return sum(p.numel() for p in model.parameters())
+    if backend == "grounding_dino":
+        strip = lambda d: {k: v for k, v in d.items() if k != "model_type"}  # noqa: E731
+        config = transformers.GroundingDinoConfig(**{
+            **GROUNDING_DINO_B,
+            "backbone_config": transformers.SwinConfig(**strip(GROUNDING_DINO_B["backbone_config"])),
+            "text_config": transformers.BertConfig(**strip(GROUNDING_DINO_B["text_config"])),
+        })  # fmt: skip
+        with torch.device("meta"):
+            model = transformers.GroundingDinoForObjectDetection._from_config(config)
         return sum(p.numel() for p in model.parameters())
     if key not in specs:
         raise KeyError(f"no full-size config for backend {backend!r}; known: {', '.join(sorted(BUILDERS))}")

@@ -88,25 +88,27 @@ def specs_of(cfg: GrandConfig) -> list[tuple[str, ModelSpec]]:
 
 def full_size_config(workdir: Path, notes: list[str]) -> GrandConfig:
     """The full profile with every model replaced by a random full-size copy under ``workdir``."""
-    from benchmarks.full_models import BUILDERS
+    from benchmarks.full_models import builder_for
 
     cfg = load_config("full")
-    built: dict[Any, Path] = {}
+    built: dict[tuple[str, str], Path] = {}
     for key, spec in specs_of(cfg):
         spec.device = "cuda" if spec.device in ("auto", "cpu", "") else spec.device
-        builder = BUILDERS.get(spec.backend)
+        builder = builder_for(spec)
         if builder is None:
             if spec.model.startswith(("hf:", "/")) and key.startswith("detectors."):
                 del cfg.models.detectors[key.split(".", 1)[1]]
                 notes.append(f"skipped {key} ({spec.backend}): no full-size random builder")
             continue
-        dtype = getattr(torch, spec.dtype)
-        if (builder, dtype) not in built:
+        name = builder.__name__
+        if (name, spec.dtype) not in built:
             start = time.perf_counter()
-            built[(builder, dtype)] = builder(workdir / f"{builder.__name__}-{spec.dtype}", "cuda", dtype)
+            built[(name, spec.dtype)] = builder(workdir / f"{name}-{spec.dtype}", "cuda", getattr(torch, spec.dtype))
             torch.cuda.empty_cache()
-            logger.info("built %s in %.1fs", builder.__name__, time.perf_counter() - start)
-        spec.model = str(built[(builder, dtype)])
+            logger.info("built %s in %.1fs", name, time.perf_counter() - start)
+        spec.model = str(built[(name, spec.dtype)])
+        if spec.backend == "ultralytics":
+            spec.options = {k: v for k, v in spec.options.items() if k != "text_model"}  # the folder's own
     # Keep the vote satisfiable whatever members remain; drawn objects replace its result anyway.
     cfg.level1.min_models = 1
     members = set(cfg.models.detectors)

@@ -342,6 +342,9 @@ def _validate(obj: Any, prefix: str) -> None:
             raise bad("micro_batch", "must be >= 1")
         if obj.num_gpus < 0 or obj.num_cpus < 0:
             raise bad("num_gpus", "resources must be >= 0")
+        if obj.num_gpus > 1 and not float(obj.num_gpus).is_integer():
+            # Ray shares a GPU between actors only below one; above, it wants whole GPUs.
+            raise bad("num_gpus", f"above 1 must be a whole number, got {obj.num_gpus}")
         for name, amount in obj.resources.items():
             # CPU/GPU have their own fields; Ray rejects them (and memory) as custom resources.
             if not name or name in ("CPU", "GPU", "memory", "object_store_memory"):

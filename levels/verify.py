@@ -136,8 +136,8 @@ def llm_generate(llm: LLM, temperature: float, first_temperature: float | None =
     ``first_temperature`` when one is given."""
 
     def generate(prompts: list[ChatPrompt], attempt: int) -> list[Generation]:
-        first = attempt == 1 and first_temperature is not None
-        return llm.generate(prompts, temperature=first_temperature if first else temperature, seed=attempt)
+        now = first_temperature if attempt == 1 and first_temperature is not None else temperature
+        return llm.generate(prompts, temperature=now, seed=attempt)
 
     return generate
 

@@ -90,3 +90,9 @@ def test_parse_override_values_are_yaml_scalars() -> None:
     assert parse_override("a=[x, y]") == {"a": ["x", "y"]}
     with pytest.raises(ConfigError):
         parse_override("novalue")
+
+
+def test_pool_gpus_fractional_below_one_whole_above() -> None:
+    assert load_config("full", overrides=["pools.level2.num_gpus=0.25"]).pool(2).num_gpus == 0.25
+    with pytest.raises(ConfigError, match="pools.level1.num_gpus: above 1 must be a whole number"):
+        load_config("full", overrides=["pools.level1.num_gpus=1.5"])

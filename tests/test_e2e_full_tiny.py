@@ -26,8 +26,8 @@ runner = CliRunner()
 
 #: Backends of the full profile that each level must record (the rest of tiny.yaml may change).
 EXPECTED = {
-    1: {"clip_tagger", "sam", "hf_depth", "blip2_region"},
-    2: {"blip2", "clip_landmark", "spacy"},
+    1: {"clip_tagger", "ultralytics", "owlv2", "grounding_dino", "sam", "hf_depth", "blip2_region"},
+    2: {"blip2", "clip_landmark", "spacy", "grounding_dino"},
     3: {"gguf_transformers"},
     4: {"gguf_transformers"},
 }
@@ -50,6 +50,10 @@ def run_dir(tmp_path_factory, tiny_cfg) -> Path:
 def test_tiny_profile_uses_the_full_profile_backends() -> None:
     full, tiny = load_config("full"), load_config("tiny")
     assert tiny.models.tagger.backend == full.models.tagger.backend
+    assert {m: s.backend for m, s in tiny.models.detectors.items()} == {
+        m: s.backend for m, s in full.models.detectors.items()
+    }
+    assert tiny.models.grounder.backend == full.models.grounder.backend
     assert tiny.models.segmenter.backend == full.models.segmenter.backend
     assert tiny.models.depth.backend == full.models.depth.backend
     for role in ("region_captioner", "captioner", "landmark_classifier", "label_assigner"):

@@ -16,6 +16,7 @@ PUBLISHED_M = {
     "owlv2": 155,  # google/owlv2-base-patch16-ensemble
     "hf_depth": 335,  # Depth-Anything-V2-Large
     "sam": 641,  # sam_vit_h_4b8939
+    "grounding_dino": 233,  # IDEA-Research/grounding-dino-base
 }
 
 ROW = re.compile(r"^(?P<level>\d|all)\s+(?P<stage>\w+)\s+(?P<backends>\S+)?\s+(?P<load>\d+\.\d{2})\s+(?P<per>\d+\.\d{4})$")
@@ -57,3 +58,17 @@ def test_tiny_run_prints_the_documented_table(capsys) -> None:
                                                 if lv == str(level) and s != "total"), abs=1e-3)  # fmt: skip
     assert stages[("1", "masks")]["backends"] == "sam" and stages[("2", "captions")]["backends"] == "blip2"
     assert any(line.startswith("# note: skipped llm") for line in lines)
+
+
+def test_full_size_rtdetr_folder_loads_through_the_ultralytics_backend(tmp_path) -> None:
+    import torch
+
+    import grand_pipeline.models.backends  # noqa: F401
+    from grand_pipeline.config import ModelSpec
+    from grand_pipeline.models.roles import BACKENDS
+
+    folder = full_models.ultralytics_model(tmp_path / "rtdetr", "cpu", torch.float32, "rtdetr")
+    state = torch.load(folder / "weights.pt", weights_only=True)
+    assert abs(sum(v.numel() for v in state.values()) / 1e6 - 67) < 2  # rtdetr-x: 67M parameters
+    backend = BACKENDS["detector"].get("ultralytics")(ModelSpec("ultralytics", str(folder)))
+    assert backend.family == "rtdetr"

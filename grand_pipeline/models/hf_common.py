@@ -15,13 +15,15 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from grand_pipeline.models import weights
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Words of the tiny tokenizers: enough for prompts and label lists to map to real ids.
 TINY_WORDS = (
@@ -123,7 +125,7 @@ def tiny_tokenizer(extra_special: tuple[str, ...] = (), lowercase: bool = True, 
     )
 
 
-def seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+def seeded(seed: int, build: Callable[[], T]) -> T:
     """``build()`` under a private RNG seeded with ``seed`` (the global RNG is left untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -5,9 +5,11 @@ object crop with CLIP (EVA-CLIP there) against one prompt per candidate; the bes
 This is that, with any CLIP-family checkpoint in Hugging Face layout (``CLIPModel``; e.g.
 ``hf:openai/clip-vit-large-patch14@<rev>``).
 
-``ClipScorer`` is the shared part: it is loaded once per process and weights folder
-(``hf_common.shared``), so ``clip_landmark`` on the same weights reuses it. Text features are
-cached (labels and landmark prompts repeat across images).
+``ClipScorer`` is the shared part: one per process and weights folder (``hf_common.shared``), so
+``clip_landmark`` on the same weights reuses it. The network itself is loaded with
+``clip_tagger.load_clip`` under the tagger's sharing key, so a process that also runs the
+``clip_tagger`` on the same weights (the local executor; an actor holding both levels) keeps a
+single CLIP. Text features are cached (labels and landmark prompts repeat across images).
 
 ``tiny:<seed>`` saves a random CLIP (ViT 32 px / patch 8, 2-layer text tower, 16-d projection)
 with an offline word-level tokenizer and a 32 px ``CLIPImageProcessor``.
@@ -25,6 +27,7 @@ from PIL import Image
 
 from grand_pipeline.models import hf_common
 from grand_pipeline.models.backends.blip2_region import crop_region
+from grand_pipeline.models.backends.clip_tagger import load_clip as load_clip_folder
 from grand_pipeline.models.roles import LabelAssigner, register_backend
 
 logger = logging.getLogger(__name__)
@@ -34,7 +37,7 @@ TEMPLATE = "a photo of a {}."
 
 def build_tiny(folder: Path, seed: int) -> None:
     """A seeded random CLIP with an offline tokenizer and image processor, in transformers layout."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tokenizer = hf_common.tiny_tokenizer(wrap=True)
     config = CLIPConfig(
@@ -47,11 +50,10 @@ def build_tiny(folder: Path, seed: int) -> None:
         projection_dim=16,
     )  # fmt: skip
     model = hf_common.seeded(seed, lambda: CLIPModel(config))
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    image = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     with hf_common.quiet():
         model.save_pretrained(str(folder), safe_serialization=True)
-        tokenizer.save_pretrained(str(folder))
-        processor.save_pretrained(str(folder))
+        CLIPProcessor(image_processor=image, tokenizer=tokenizer).save_pretrained(str(folder))
 
 
 def _features(out: Any) -> torch.Tensor:
@@ -62,14 +64,8 @@ def _features(out: Any) -> torch.Tensor:
 class ClipScorer:
     """Unit-norm CLIP image and text embeddings, float32 numpy; one instance per process and folder."""
 
-    def __init__(self, path: Path, device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-
-        with hf_common.quiet():
-            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            self.image_processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
-            self.model = CLIPModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-        self.model.eval().to(device)
+    def __init__(self, model: Any, processor: Any, device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
+        self.model, self.tokenizer, self.image_processor = model, processor.tokenizer, processor.image_processor
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
         self.max_length = int(self.model.config.text_config.max_position_embeddings)
         #: CLIP's learned temperature: cosines times this are the logits CLIP was trained on.
@@ -105,13 +101,22 @@ class ClipScorer:
 
 def load_clip(spec: Any, name: str) -> tuple[ClipScorer, str, str]:
     """(shared scorer, weights id, model id) for ``spec.model``."""
-    resolved = hf_common.load_folder(spec, name=name, tiny_builder=build_tiny)
+    # One tiny name for both roles, so that tiny:<seed> is also one folder and one shared model.
+    resolved = hf_common.load_folder(spec, name="clip", tiny_builder=build_tiny)
     device = hf_common.device_of(spec)
     dtype = hf_common.torch_dtype(spec, device)
     batch_size = max(1, int(getattr(spec, "batch_size", 32)))
+
+    def load_model() -> tuple[Any, Any]:
+        model, processor = load_clip_folder(resolved.path, dtype)  # from_pretrained(local_files_only)
+        return model.to(device), processor
+
+    model, processor = hf_common.shared(f"clip:{device}:{dtype}", resolved.path, load_model)
     scorer = hf_common.shared(
-        f"clip:{device}:{dtype}", resolved.path, lambda: ClipScorer(resolved.path, device, dtype, batch_size)
-    )
+        f"clip-scorer:{device}:{dtype}", resolved.path,
+        lambda: ClipScorer(model, processor, device, dtype, batch_size),
+    )  # fmt: skip
+    logger.info("%s: CLIP from %s on %s (%s)", name, resolved.path, device, dtype)
     tiny = resolved.source.startswith("tiny:")
     return scorer, resolved.sha256, f"clip-random({resolved.source})" if tiny else str(spec.model)
 

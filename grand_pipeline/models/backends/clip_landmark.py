@@ -44,10 +44,10 @@ class ClipLandmarkClassifier(LandmarkClassifier):
         if not images:
             return []
         queries = np.zeros((len(images), self.class_embeddings.shape[1]), np.float32)
-        with_pixels = [i for i, img in enumerate(images) if img is not None]
+        pixels = {i: img for i, img in enumerate(images) if img is not None}
         without = [i for i, img in enumerate(images) if img is None]
-        if with_pixels:
-            queries[with_pixels] = self.clip.images([images[i] for i in with_pixels])
+        if pixels:
+            queries[list(pixels)] = self.clip.images(list(pixels.values()))
         if without:
             queries[without] = self.clip.texts([str(texts[i]) for i in without])
         logits = (queries @ self.class_embeddings.T).astype(np.float64) * self.clip.logit_scale
