@@ -93,9 +93,7 @@ ULTRALYTICS = {"rtdetr": ("rtdetr-x.yaml", "x"), "yoloworld": ("yolov8x-worldv2.
 
 def _save(model: torch.nn.Module, processor: Any, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    with hf_common.quiet():
-        model.save_pretrained(str(folder), safe_serialization=True)
-        processor.save_pretrained(str(folder))
+    hf_common.save_pretrained(folder, model, processor)  # safetensors, transformers' default
     return folder
 
 
@@ -166,13 +164,31 @@ def owlv2_model(folder: Path, device: str, dtype: torch.dtype) -> Path:
     return _save(model, processor, folder)
 
 
-def depth_anything_model(folder: Path, device: str, dtype: torch.dtype) -> Path:
-    from transformers import AutoModelForDepthEstimation, DepthAnythingConfig, Dinov2Config, DPTImageProcessor
+def _strip(arch: dict[str, Any]) -> dict[str, Any]:
+    """A sub-config's kwargs: ``model_type`` only says which config class the builder uses."""
+    return {k: v for k, v in arch.items() if k != "model_type"}
 
-    backbone = Dinov2Config(**{k: v for k, v in DEPTH_ANYTHING_V2_L["backbone_config"].items() if k != "model_type"})
-    config = DepthAnythingConfig(**{**DEPTH_ANYTHING_V2_L, "backbone_config": backbone})
+
+def _depth_anything_config() -> Any:
+    from transformers import DepthAnythingConfig, Dinov2Config
+
+    backbone = Dinov2Config(**_strip(DEPTH_ANYTHING_V2_L["backbone_config"]))
+    return DepthAnythingConfig(**{**DEPTH_ANYTHING_V2_L, "backbone_config": backbone})
+
+
+def _grounding_dino_config() -> Any:
+    from grand_pipeline.models.backends.grounding_dino import make_config
+
+    rest = {k: v for k, v in GROUNDING_DINO_B.items() if k not in ("backbone_config", "text_config")}
+    backbone, text = _strip(GROUNDING_DINO_B["backbone_config"]), _strip(GROUNDING_DINO_B["text_config"])
+    return make_config(backbone, text, **rest)
+
+
+def depth_anything_model(folder: Path, device: str, dtype: torch.dtype) -> Path:
+    from transformers import AutoModelForDepthEstimation, DPTImageProcessor
+
     with torch.device(device):
-        model = AutoModelForDepthEstimation.from_config(config, dtype=dtype).eval()
+        model = AutoModelForDepthEstimation.from_config(_depth_anything_config(), dtype=dtype).eval()
     processor = DPTImageProcessor(
         size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14,
         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
@@ -181,27 +197,13 @@ def depth_anything_model(folder: Path, device: str, dtype: torch.dtype) -> Path:
 
 
 def grounding_dino_model(folder: Path, device: str, dtype: torch.dtype) -> Path:
-    from transformers import (
-        BertConfig,
-        GroundingDinoConfig,
-        GroundingDinoForObjectDetection,
-        GroundingDinoImageProcessor,
-        GroundingDinoProcessor,
-        SwinConfig,
-    )
+    from transformers import GroundingDinoForObjectDetection
 
-    from grand_pipeline.models.backends.grounding_dino import BERT_SPECIALS
-    from grand_pipeline.models.vision_common import word_tokenizer
+    from grand_pipeline.models.backends.grounding_dino import bert_tokenizer, make_processor
 
-    tok = word_tokenizer(BERT_SPECIALS, pad="[PAD]", unk="[UNK]", bos="[CLS]", eos="[SEP]", size=30522)
-    tok.model_max_length = 256
-    strip = lambda d: {k: v for k, v in d.items() if k != "model_type"}  # noqa: E731
-    config = GroundingDinoConfig(**{**GROUNDING_DINO_B,
-                                    "backbone_config": SwinConfig(**strip(GROUNDING_DINO_B["backbone_config"])),
-                                    "text_config": BertConfig(**strip(GROUNDING_DINO_B["text_config"]))})  # fmt: skip
-    model = _make(GroundingDinoForObjectDetection, config, device, dtype)
-    image = GroundingDinoImageProcessor(size={"shortest_edge": 800, "longest_edge": 1333})
-    return _save(model, GroundingDinoProcessor(image_processor=image, tokenizer=tok), folder)
+    tok = bert_tokenizer(size=30522, max_length=256)
+    model = _make(GroundingDinoForObjectDetection, _grounding_dino_config(), device, dtype)
+    return _save(model, make_processor(tok, shortest_edge=800, longest_edge=1333), folder)
 
 
 def ultralytics_model(folder: Path, device: str, dtype: torch.dtype, family: str) -> Path:  # noqa: ARG001
@@ -281,22 +283,12 @@ def parameter_count(backend: str) -> int:
     family = {"clip_tagger": "clip", "clip_labels": "clip", "clip_landmark": "clip", "blip2_region": "blip2"}
     key = family.get(backend, backend)
     if backend == "hf_depth":
-        backbone = transformers.Dinov2Config(
-            **{k: v for k, v in DEPTH_ANYTHING_V2_L["backbone_config"].items() if k != "model_type"}
-        )
-        config = transformers.DepthAnythingConfig(**{**DEPTH_ANYTHING_V2_L, "backbone_config": backbone})
         with torch.device("meta"):
-            model = transformers.AutoModelForDepthEstimation.from_config(config)
+            model = transformers.AutoModelForDepthEstimation.from_config(_depth_anything_config())
         return sum(p.numel() for p in model.parameters())
     if backend == "grounding_dino":
-        strip = lambda d: {k: v for k, v in d.items() if k != "model_type"}  # noqa: E731
-        config = transformers.GroundingDinoConfig(**{
-            **GROUNDING_DINO_B,
-            "backbone_config": transformers.SwinConfig(**strip(GROUNDING_DINO_B["backbone_config"])),
-            "text_config": transformers.BertConfig(**strip(GROUNDING_DINO_B["text_config"])),
-        })  # fmt: skip
         with torch.device("meta"):
-            model = transformers.GroundingDinoForObjectDetection._from_config(config)
+            model = transformers.GroundingDinoForObjectDetection._from_config(_grounding_dino_config())
         return sum(p.numel() for p in model.parameters())
     if key not in specs:
         raise KeyError(f"no full-size config for backend {backend!r}; known: {', '.join(sorted(BUILDERS))}")

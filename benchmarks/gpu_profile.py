@@ -109,6 +109,11 @@ def full_size_config(workdir: Path, notes: list[str]) -> GrandConfig:
         spec.model = str(built[(name, spec.dtype)])
         if spec.backend == "ultralytics":
             spec.options = {k: v for k, v in spec.options.items() if k != "text_model"}  # the folder's own
+    # Random CLIP scores are near-uniform over ~1.5k names, below any real threshold: keep the
+    # top_k tags anyway, so open-vocabulary detectors get a realistic number of queries (not the
+    # COCO-80 fallback of an image without tags).
+    cfg.models.tagger.options["threshold"] = 0.0
+    cfg.level1.tag_threshold = 0.0
     # Keep the vote satisfiable whatever members remain; drawn objects replace its result anyway.
     cfg.level1.min_models = 1
     members = set(cfg.models.detectors)

@@ -14,7 +14,13 @@ A kill -9 can leave a claim without a marker. It never blocks later attempts: a 
 process is gone (same host: pid not alive or reused; another host: claim older than the lease)
 is taken over by creating the next generation, again exclusively, so two attempts cannot both
 take over. Claims are never deleted by the commit path, so the claim directory doubles as the
-log of who committed what.
+log of who committed what. Kill -9 at each step of a commit leaves:
+
+* during staging, or before the claim: staging debris of a dead attempt (``clear_staging``);
+* after the claim, before or during publishing: a dead claim (taken over) and maybe a Parquet
+  without marker (not committed, overwritten by the taker);
+* after the marker: a committed shard; its dead claim fences nobody, the marker does;
+* while creating a claim or an attempt: only a ``*.tmp`` file, which no reader looks at.
 
 Exclusive creation: locally a complete temporary file is hard-linked to the name (``link``
 fails when the name exists, and a reader never sees a half-written claim). On S3 it is a

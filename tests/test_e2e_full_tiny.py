@@ -61,17 +61,16 @@ def test_tiny_profile_uses_the_full_profile_backends() -> None:
         assert getattr(tiny.models, role).model == "tiny:0"
 
 
-def test_levels_1_to_4_commit_with_ok_or_recorded_error_rows(run_dir: Path) -> None:
+def test_levels_1_to_4_commit_and_every_row_is_ok(run_dir: Path) -> None:
     for level in (1, 2, 3, 4):
         marker = json.loads((run_dir / f"level{level}" / "sa_000040.success.json").read_text())
         table = pq.read_table(run_dir / f"level{level}" / "sa_000040.parquet", use_threads=False)
         assert table.schema.equals(level_schema(level), check_metadata=False)
         rows = table.to_pylist()
         assert len(rows) == 2 == marker["rows"]
-        for row in rows:
-            assert row["status"] in ("ok", "error")
-            assert (row["status"] == "error") == bool(row["error"]), row["error"]
-        assert sum(r["status"] == "ok" for r in rows) == marker["ok"]
+        # Random weights give noise, never crashes: every stage of every backend ran.
+        assert [(r["status"], r["error"]) for r in rows] == [("ok", None)] * 2
+        assert marker["ok"] == 2
 
 
 def test_provenance_names_full_backends_and_their_weights(run_dir: Path) -> None:

@@ -4,6 +4,9 @@
   local path or tiny random weights) with ``weights.resolve``.
 - ``shared``: one loaded model per process and weights folder, so that e.g. the BLIP-2 captioner
   and the BLIP-2 region captioner of one actor hold a single copy on the GPU.
+- ``load_pretrained`` / ``shared_pretrained``: a (model, processor) pair read from a local folder
+  only, and its one process-wide copy per device and dtype.
+- ``save_pretrained``: a (model, processor) pair written into one folder, as the tiny builders do.
 - ``tiny_tokenizer``: a small word-level tokenizer built offline with the ``tokenizers`` library,
   for the tiny random-initialised variants (no tokenizer download, no dependency on a hub file).
 """
@@ -92,6 +95,44 @@ def shared(kind: str, path: Path, factory: Callable[[], Any]) -> Any:
         if key not in _SHARED:
             _SHARED[key] = factory()
         return _SHARED[key]
+
+
+def load_pretrained(model_cls: Any, processor_cls: Any, path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """(model in eval mode, processor) from a local folder.
+
+    ``local_files_only``: a missing file must fail here, never turn into a hub download.
+    """
+    with quiet():
+        model = model_cls.from_pretrained(path, local_files_only=True, dtype=dtype)
+        processor = processor_cls.from_pretrained(path, local_files_only=True)
+    return model.eval(), processor
+
+
+def shared_pretrained(
+    kind: str,
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    load: Callable[[Path, torch.dtype], tuple[Any, Any]],
+) -> tuple[Any, Any]:
+    """The process-wide (model on ``device``, processor) that ``load(path, dtype)`` reads.
+
+    The key is ``kind:device:dtype``: backends that name the same ``kind`` (the CLIP tagger and
+    label assigner both say ``clip``) share one copy of the weights on the GPU.
+    """
+
+    def factory() -> tuple[Any, Any]:
+        model, processor = load(path, dtype)
+        return model.to(device), processor
+
+    return shared(f"{kind}:{device}:{dtype}", path, factory)
+
+
+def save_pretrained(folder: Path, model: Any, processor: Any) -> None:
+    """``model`` and its processor (or tokenizer) side by side in ``folder``, for ``from_pretrained``."""
+    with quiet():
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
 
 
 def tiny_tokenizer(extra_special: tuple[str, ...] = (), lowercase: bool = True, wrap: bool = False) -> Any:

@@ -5,6 +5,9 @@
 - ``to_device``: host -> device copies from pinned memory with ``non_blocking``, so the copy of
   one micro-batch overlaps the GPU work still queued from the previous one.
 - ``check_images``: one clear error for a non-RGB input instead of a shape error deep in a model.
+- ``family_tiny_builder``: the ``tiny:<seed>`` builder of a backend with several model families.
+- ``detect_in_batches``: the micro-batch loop of the text-queried detectors (OWLv2, GroundingDINO,
+  YOLO-World), each image queried with its own tags (``image_queries``).
 - ``word_tokenizer``: a word-level fast tokenizer over the tag vocabulary with the special tokens
   at the ids a model family hard-codes (CLIP pools at the largest id, GroundingDINO masks BERT's
   [CLS]/[SEP]/"." ids), for the tiny random-initialised variants.
@@ -17,12 +20,13 @@ import functools
 import logging
 from collections.abc import Callable
 from importlib import resources
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from grand_pipeline.models.hf_common import device_of, torch_dtype
+from grand_pipeline.models.hf_common import device_of, save_pretrained, seeded, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +45,22 @@ def runtime(spec: Any) -> tuple[torch.device, torch.dtype]:
 
 def seeded_build(seed: int, build: Callable[[], T]) -> T:
     """``build()`` (a model, or a (model, processor) pair) under a private RNG seeded with ``seed``."""
-    import torch
+    return seeded(seed, build)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
+
+def family_tiny_builder(
+    owner: str, families: dict[str, Callable[[], tuple[Any, Any]]], family: str
+) -> Callable[[Path, int], None]:
+    """The ``tiny:<seed>`` builder of a backend whose option ``family`` picks one of ``families``
+    (each a (random model, processor) factory); an unknown family fails when the backend starts."""
+    if family not in families:
+        raise ValueError(f"{owner}: unknown family {family!r}; known: {', '.join(families)}")
+
+    def build(folder: Path, seed: int) -> None:
+        model, processor = seeded_build(seed, families[family])
+        save_pretrained(folder, model, processor)
+
+    return build
 
 
 def to_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -136,6 +151,24 @@ def fallback_queries() -> tuple[str, ...]:
 
     text = (resources.files("grand_pipeline") / "assets" / "coco80_labels.json").read_text(encoding="utf-8")
     return tuple(json.loads(text))
+
+
+def detect_in_batches(
+    owner: str,
+    images: list[np.ndarray],
+    context: list[dict[str, Any]] | None,
+    max_queries: int,
+    batch_size: int,
+    detect_batch: Callable[[list[np.ndarray], list[list[str]]], list[T]],
+) -> list[T]:
+    """The text-queried detectors' ``detect``: checked images, their queries (``image_queries``),
+    then ``detect_batch(images, queries)`` on micro-batches of ``batch_size`` images, in order."""
+    images = check_images(images, owner)
+    queries = image_queries(context, len(images), max_queries)
+    out: list[T] = []
+    for lo in range(0, len(images), batch_size):
+        out.extend(detect_batch(images[lo : lo + batch_size], queries[lo : lo + batch_size]))
+    return out
 
 
 def image_queries(context: list[dict[str, Any]] | None, n: int, limit: int) -> list[list[str]]:

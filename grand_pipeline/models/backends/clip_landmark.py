@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from grand_pipeline.models.backends.clip_labels import load_clip
+from grand_pipeline.models.backends.embedding_landmark import softmax_winners
 from grand_pipeline.models.roles import LandmarkClassifier, register_backend
 from grand_pipeline.taxonomy import fine_categories
 
@@ -51,12 +52,4 @@ class ClipLandmarkClassifier(LandmarkClassifier):
         if without:
             queries[without] = self.clip.texts([str(texts[i]) for i in without])
         logits = (queries @ self.class_embeddings.T).astype(np.float64) * self.clip.logit_scale
-        logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        probs /= probs.sum(axis=1, keepdims=True)
-        out = []
-        for row in probs:
-            best = int(np.argmax(row))
-            category, fine = self.classes[best]
-            out.append((category, fine, float(row[best])))
-        return out
+        return softmax_winners(logits, self.classes)

@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from grand_pipeline.models.hf_common import load_folder, quiet, shared
+from grand_pipeline.models.hf_common import load_folder, load_pretrained, shared_pretrained
 from grand_pipeline.models.roles import Tag, Tagger, register_backend
 from grand_pipeline.models.vision_common import (
     batch_to_device,
     check_images,
+    family_tiny_builder,
     options,
     runtime,
-    seeded_build,
     tag_vocabulary,
     word_tokenizer,
 )
@@ -75,25 +75,13 @@ TINY_FAMILIES: dict[str, Callable[[], tuple[Any, Any]]] = {"clip": tiny_clip, "s
 
 
 def tiny_builder(family: str) -> Callable[[Path, int], None]:
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"clip_tagger: unknown family {family!r}; known: {', '.join(TINY_FAMILIES)}")
-
-    def build(folder: Path, seed: int) -> None:
-        model, processor = seeded_build(seed, lambda: TINY_FAMILIES[family]())
-        with quiet():
-            model.save_pretrained(folder)
-            processor.save_pretrained(folder)
-
-    return build
+    return family_tiny_builder("clip_tagger", TINY_FAMILIES, family)
 
 
 def load_clip(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModel, AutoProcessor
 
-    with quiet():
-        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    return model.eval(), processor
+    return load_pretrained(AutoModel, AutoProcessor, path, dtype)
 
 
 @register_backend("tagger", "clip_tagger")
@@ -111,12 +99,10 @@ class ClipTagger(Tagger):
         family = str(opts.get("family", "clip"))
         resolved = load_folder(spec, f"clip_tagger-{family}", tiny_builder(family))
         self.device, self.dtype = runtime(spec)
-
-        def load() -> tuple[Any, Any]:
-            model, processor = load_clip(resolved.path, self.dtype)
-            return model.to(self.device), processor
-
-        self.model, self.processor = shared(f"clip:{self.device}:{self.dtype}", resolved.path, load)
+        # Kind "clip", as clip_labels says: the tagger and the label assigner share one CLIP.
+        self.model, self.processor = shared_pretrained(
+            "clip", resolved.path, self.device, self.dtype, load_clip
+        )
         self.sigmoid = self.model.config.model_type in SIGMOID_TYPES
         self.batch_size = max(1, int(getattr(spec, "batch_size", 8)))
         self.top_k = int(opts.get("top_k", 10))

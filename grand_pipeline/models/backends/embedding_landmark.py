@@ -59,6 +59,20 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
 }
 
 
+def softmax_winners(logits: np.ndarray, classes: list[tuple[str, str]]) -> list[tuple[str, str, float]]:
+    """Per row of ``logits`` (N, len(classes)): the best (category, fine category) and its softmax
+    probability. Shared with ``clip_landmark``, which only computes its logits differently."""
+    logits = logits - logits.max(axis=1, keepdims=True)  # exp() of large logits would overflow
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    out = []
+    for row in probs:
+        best = int(np.argmax(row))
+        category, fine = classes[best]
+        out.append((category, fine, float(row[best])))
+    return out
+
+
 @register_backend("landmark_classifier", "embedding_zero_shot")
 class EmbeddingLandmarkClassifier(LandmarkClassifier):
     """Zero-shot (category, fine_category, score) per image text.
@@ -91,13 +105,4 @@ class EmbeddingLandmarkClassifier(LandmarkClassifier):
         if not texts:
             return []
         cosines = self.embedder.embed([str(t) for t in texts]) @ self.class_embeddings.T  # (N, 14)
-        logits = cosines.astype(np.float64) / self.temperature
-        logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        probs /= probs.sum(axis=1, keepdims=True)
-        out = []
-        for row in probs:
-            best = int(np.argmax(row))
-            category, fine = self.classes[best]
-            out.append((category, fine, float(row[best])))
-        return out
+        return softmax_winners(cosines.astype(np.float64) / self.temperature, self.classes)

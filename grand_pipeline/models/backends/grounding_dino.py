@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from grand_pipeline.models.hf_common import load_folder, quiet, shared
+from grand_pipeline.models.hf_common import load_folder, load_pretrained, save_pretrained, shared_pretrained
 from grand_pipeline.models.roles import (
     Detections,
     Detector,
@@ -38,7 +38,7 @@ from grand_pipeline.models.roles import (
 from grand_pipeline.models.vision_common import (
     batch_to_device,
     check_images,
-    image_queries,
+    detect_in_batches,
     options,
     runtime,
     seeded_build,
@@ -52,48 +52,56 @@ logger = logging.getLogger(__name__)
 BERT_SPECIALS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, ".": 1012, "?": 1029}
 
 
+def bert_tokenizer(size: int, max_length: int) -> Any:
+    """A word-level tokenizer of ``size`` ids with BERT's special tokens at the ids GroundingDINO
+    hard-codes (a random model needs no real vocabulary, only those ids in their places)."""
+    tok = word_tokenizer(BERT_SPECIALS, pad="[PAD]", unk="[UNK]", bos="[CLS]", eos="[SEP]", size=size)
+    tok.model_max_length = max_length
+    return tok
+
+
+def make_config(backbone: dict[str, Any], text: dict[str, Any], **rest: Any) -> Any:
+    """``GroundingDinoConfig`` from plain dicts: a Swin backbone, a BERT text encoder, the rest."""
+    from transformers import BertConfig, GroundingDinoConfig, SwinConfig
+
+    return GroundingDinoConfig(backbone_config=SwinConfig(**backbone), text_config=BertConfig(**text), **rest)
+
+
+def make_processor(tok: Any, shortest_edge: int, longest_edge: int) -> Any:
+    from transformers import GroundingDinoImageProcessor, GroundingDinoProcessor
+
+    image = GroundingDinoImageProcessor(size={"shortest_edge": shortest_edge, "longest_edge": longest_edge})
+    return GroundingDinoProcessor(image_processor=image, tokenizer=tok)
+
+
 def build_tiny(folder: Path, seed: int) -> None:
     """Random GroundingDINO: 1-layer Swin stages, 1-layer BERT, d_model 32, 16 queries; 2 decoder layers
     because the per-layer box heads are tied to the first one, which needs a second."""
-    from transformers import (
-        BertConfig,
-        GroundingDinoConfig,
-        GroundingDinoForObjectDetection,
-        GroundingDinoImageProcessor,
-        GroundingDinoProcessor,
-        SwinConfig,
-    )
+    from transformers import GroundingDinoForObjectDetection
 
-    tok = word_tokenizer(BERT_SPECIALS, pad="[PAD]", unk="[UNK]", bos="[CLS]", eos="[SEP]", size=1536)
-    tok.model_max_length = 64
+    tok = bert_tokenizer(size=1536, max_length=64)
     backbone: dict[str, Any] = {  # out_features is a runtime kwarg the type stubs lack
         "embed_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1], "window_size": 4,
         "out_features": ["stage2", "stage3", "stage4"],
     }  # fmt: skip
-    text = BertConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
-    )  # fmt: skip
-    config = GroundingDinoConfig(
-        backbone_config=SwinConfig(**backbone), text_config=text, d_model=32, num_queries=16, max_text_len=64,
+    text = {"vocab_size": len(tok), "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 64, "max_position_embeddings": 64}  # fmt: skip
+    config = make_config(
+        backbone, text, d_model=32, num_queries=16, max_text_len=64,
         encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
         encoder_ffn_dim=32, decoder_ffn_dim=32, num_feature_levels=4, encoder_n_points=2,
         decoder_n_points=2,
     )  # fmt: skip
     model = seeded_build(seed, lambda: GroundingDinoForObjectDetection(config))
-    image = GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
-    with quiet():
-        model.save_pretrained(folder)
-        GroundingDinoProcessor(image_processor=image, tokenizer=tok).save_pretrained(folder)
+    # 128 px, not less: the extra feature level (stride 64) must keep more than 1x1 pixel, or
+    # its GroupNorm has one value per group and fails on square photos.
+    save_pretrained(folder, model, make_processor(tok, shortest_edge=128, longest_edge=192))
 
 
-def load_grounding_dino(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+def load_grounding_dino(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
 
-    with quiet():
-        model = GroundingDinoForObjectDetection.from_pretrained(path, local_files_only=True, dtype=dtype)
-        processor = GroundingDinoProcessor.from_pretrained(path, local_files_only=True)
-    return model.eval().to(device), processor
+    return load_pretrained(GroundingDinoForObjectDetection, GroundingDinoProcessor, path, dtype)
 
 
 class GroundingDinoModel:
@@ -103,9 +111,8 @@ class GroundingDinoModel:
         opts = options(spec)
         resolved = load_folder(spec, "grounding_dino", build_tiny)
         self.device, self.dtype = runtime(spec)
-        key = f"grounding_dino:{self.device}:{self.dtype}"
-        self.model, self.processor = shared(
-            key, resolved.path, lambda: load_grounding_dino(resolved.path, self.device, self.dtype)
+        self.model, self.processor = shared_pretrained(
+            "grounding_dino", resolved.path, self.device, self.dtype, load_grounding_dino
         )
         self.box_threshold = float(opts.get("box_threshold", 0.3))
         self.max_len = int(self.model.config.max_text_len)
@@ -180,25 +187,26 @@ class GroundingDinoDetector(Detector):
     def detect(
         self, images: list[np.ndarray], context: list[dict[str, Any]] | None = None
     ) -> list[Detections]:
-        images = check_images(images, "grounding_dino")
-        queries = image_queries(context, len(images), self.max_queries)
+        return detect_in_batches(
+            "grounding_dino", images, context, self.max_queries, self.batch_size, self._detect
+        )
+
+    def _detect(self, images: list[np.ndarray], queries: list[list[str]]) -> list[Detections]:
+        boxes, scores = self.net.score(images, queries)
         out = []
-        for lo in range(0, len(images), self.batch_size):
-            chunk = queries[lo : lo + self.batch_size]
-            boxes, scores = self.net.score(images[lo : lo + self.batch_size], chunk)
-            for b, names in enumerate(chunk):
-                best = scores[b, :, : len(names)].argmax(axis=1)
-                top = scores[b, np.arange(len(best)), best]
-                keep = np.nonzero(top >= self.net.box_threshold)[0]
-                keep = keep[np.argsort(-top[keep], kind="stable")][: self.max_detections]
-                out.append(
-                    Detections(
-                        boxes[b, keep].astype(np.float32),
-                        top[keep].astype(np.float32),
-                        [names[int(j)] for j in best[keep]],
-                        "grounding_dino",
-                    )  # fmt: skip
-                )
+        for b, names in enumerate(queries):
+            best = scores[b, :, : len(names)].argmax(axis=1)
+            top = scores[b, np.arange(len(best)), best]
+            keep = np.nonzero(top >= self.net.box_threshold)[0]
+            keep = keep[np.argsort(-top[keep], kind="stable")][: self.max_detections]
+            out.append(
+                Detections(
+                    boxes[b, keep].astype(np.float32),
+                    top[keep].astype(np.float32),
+                    [names[int(j)] for j in best[keep]],
+                    "grounding_dino",
+                )  # fmt: skip
+            )
         return out
 
 

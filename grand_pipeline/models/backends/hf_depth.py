@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from grand_pipeline.models.hf_common import load_folder, quiet, shared
+from grand_pipeline.models.hf_common import load_folder, load_pretrained, shared_pretrained
 from grand_pipeline.models.roles import DepthEstimator, register_backend
-from grand_pipeline.models.vision_common import check_images, options, runtime, seeded_build, to_device
+from grand_pipeline.models.vision_common import check_images, family_tiny_builder, options, runtime, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -75,26 +75,14 @@ TINY_FAMILIES: dict[str, Callable[[], tuple[Any, Any]]] = {
 
 
 def tiny_builder(family: str) -> Callable[[Path, int], None]:
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"hf_depth: unknown family {family!r}; known: {', '.join(TINY_FAMILIES)}")
-
-    def build(folder: Path, seed: int) -> None:
-        model, processor = seeded_build(seed, lambda: TINY_FAMILIES[family]())
-        with quiet():
-            model.save_pretrained(folder)
-            processor.save_pretrained(folder)
-
-    return build
+    return family_tiny_builder("hf_depth", TINY_FAMILIES, family)
 
 
 def load_depth_model(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     """(model, image processor) from a local folder; never touches the network."""
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-    with quiet():
-        model = AutoModelForDepthEstimation.from_pretrained(path, local_files_only=True, dtype=dtype)
-        processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-    return model.eval(), processor
+    return load_pretrained(AutoModelForDepthEstimation, AutoImageProcessor, path, dtype)
 
 
 def output_convention(config: Any) -> str:
@@ -124,12 +112,9 @@ class HFDepth(DepthEstimator):
         builder = tiny_builder(family)
         resolved = load_folder(spec, f"hf_depth-{family}", builder)
         self.device, self.dtype = runtime(spec)
-
-        def load() -> tuple[Any, Any]:
-            model, processor = load_depth_model(resolved.path, self.dtype)
-            return model.to(self.device), processor
-
-        self.model, self.processor = shared(f"depth:{self.device}:{self.dtype}", resolved.path, load)
+        self.model, self.processor = shared_pretrained(
+            "depth", resolved.path, self.device, self.dtype, load_depth_model
+        )
         self.output = str(opts.get("output") or output_convention(self.model.config))
         if self.output not in ("inverse", "metric"):
             raise ValueError(f"hf_depth: options.output must be inverse or metric, not {self.output!r}")

@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +22,13 @@ import numpy as np
 import torch
 
 from grand_pipeline.models import weights
+from grand_pipeline.models.hf_common import quiet, seeded
 from grand_pipeline.models.roles import TextEmbedder, register_backend
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 DEFAULT_MAX_LENGTH = 256
-
-
-@contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """Only the CLI draws progress bars; transformers' load/save bars are off meanwhile."""
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
 
 
 def _package_model() -> Path:
@@ -69,10 +54,8 @@ def build_tiny(folder: Path, seed: int) -> None:
         intermediate_size=64,
         max_position_embeddings=512,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = BertModel(config)
-    with _no_progress_bars():
+    model = seeded(seed, lambda: BertModel(config))
+    with quiet():
         model.save_pretrained(folder, safe_serialization=True)
 
 
@@ -106,7 +89,7 @@ class MiniLMEmbedder(TextEmbedder):
         self.weights_id = resolved.sha256
         self.device = torch.device(getattr(spec, "device", "cpu") or "cpu")
         # local_files_only: a missing file must fail here, never turn into a hub download.
-        with _no_progress_bars():
+        with quiet():
             self.tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), local_files_only=True)
             self.model = AutoModel.from_pretrained(str(resolved.path), local_files_only=True)
         self.model.eval().to(self.device)

@@ -19,12 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from grand_pipeline.models.hf_common import load_folder, quiet, shared
+from grand_pipeline.models.hf_common import load_folder, load_pretrained, save_pretrained, shared_pretrained
 from grand_pipeline.models.roles import Detections, Detector, register_backend
 from grand_pipeline.models.vision_common import (
     batch_to_device,
-    check_images,
-    image_queries,
+    detect_in_batches,
     options,
     runtime,
     seeded_build,
@@ -55,18 +54,13 @@ def build_tiny(folder: Path, seed: int) -> None:
     processor = Owlv2Processor(
         image_processor=Owlv2ImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok
     )
-    with quiet():
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
+    save_pretrained(folder, model, processor)
 
 
 def load_owlv2(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
-    with quiet():
-        model = Owlv2ForObjectDetection.from_pretrained(path, local_files_only=True, dtype=dtype)
-        processor = Owlv2Processor.from_pretrained(path, local_files_only=True)
-    return model.eval(), processor
+    return load_pretrained(Owlv2ForObjectDetection, Owlv2Processor, path, dtype)
 
 
 @register_backend("detector", "owlv2")
@@ -82,12 +76,9 @@ class OWLv2Detector(Detector):
         opts = options(spec)
         resolved = load_folder(spec, "owlv2", build_tiny)
         self.device, self.dtype = runtime(spec)
-
-        def load() -> tuple[Any, Any]:
-            model, processor = load_owlv2(resolved.path, self.dtype)
-            return model.to(self.device), processor
-
-        self.model, self.processor = shared(f"owlv2:{self.device}:{self.dtype}", resolved.path, load)
+        self.model, self.processor = shared_pretrained(
+            "owlv2", resolved.path, self.device, self.dtype, load_owlv2
+        )
         self.score_threshold = float(opts.get("score_threshold", 0.1))
         self.max_queries = max(1, int(opts.get("max_queries", 32)))
         self.max_detections = max(1, int(opts.get("max_detections", 100)))
@@ -102,12 +93,7 @@ class OWLv2Detector(Detector):
         self, images: list[np.ndarray], context: list[dict[str, Any]] | None = None
     ) -> list[Detections]:
         """Per image: boxes (N, 4) float32 xyxy in pixels, scores, labels = the matched tag names."""
-        images = check_images(images, "owlv2")
-        queries = image_queries(context, len(images), self.max_queries)
-        out: list[Detections] = []
-        for lo in range(0, len(images), self.batch_size):
-            out.extend(self._detect(images[lo : lo + self.batch_size], queries[lo : lo + self.batch_size]))
-        return out
+        return detect_in_batches("owlv2", images, context, self.max_queries, self.batch_size, self._detect)
 
     def _detect(self, images: list[np.ndarray], queries: list[list[str]]) -> list[Detections]:
         texts = [[self.prompt.format(q) for q in names] for names in queries]

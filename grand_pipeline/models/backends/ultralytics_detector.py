@@ -35,12 +35,11 @@ import torch.nn.functional as F
 import yaml
 
 from grand_pipeline.models import weights
-from grand_pipeline.models.hf_common import quiet
+from grand_pipeline.models.hf_common import save_pretrained
 from grand_pipeline.models.roles import Detections, Detector, register_backend
 from grand_pipeline.models.vision_common import (
-    check_images,
+    detect_in_batches,
     fallback_queries,
-    image_queries,
     options,
     runtime,
     seeded_build,
@@ -114,9 +113,7 @@ def tiny_builder(family: str) -> Any:
             # The text tower's projection must match WorldDetect's embedding size (512 for ViT-B/32).
             embed = int(cfg["head"][-1][3][1])
             clip, processor = seeded_build(seed, lambda: tiny_clip(projection_dim=embed))
-            with quiet():
-                clip.save_pretrained(folder / TEXT_DIR)
-                processor.save_pretrained(folder / TEXT_DIR)
+            save_pretrained(folder / TEXT_DIR, clip, processor)
 
     return build
 
@@ -240,12 +237,9 @@ class UltralyticsDetector(Detector):
     def detect(
         self, images: list[np.ndarray], context: list[dict[str, Any]] | None = None
     ) -> list[Detections]:
-        images = check_images(images, "ultralytics")
-        queries = image_queries(context, len(images), self.max_queries)
-        out: list[Detections] = []
-        for lo in range(0, len(images), self.batch_size):
-            out.extend(self._detect(images[lo : lo + self.batch_size], queries[lo : lo + self.batch_size]))
-        return out
+        return detect_in_batches(
+            "ultralytics", images, context, self.max_queries, self.batch_size, self._detect
+        )
 
     def _detect(self, images: list[np.ndarray], queries: list[list[str]]) -> list[Detections]:
         from ultralytics.utils.nms import non_max_suppression
