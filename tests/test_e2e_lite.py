@@ -15,7 +15,9 @@ from grand_pipeline.geometry.boxes import box_iou
 from grand_pipeline.sample import make_sample
 from grand_pipeline.show import render
 
-pytestmark = pytest.mark.slow
+# Levels 1-4 with the real lite models take about 4 minutes on a quiet 2-core machine; the
+# module-wide budget leaves room for a loaded one.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2700)]
 
 
 @pytest.fixture(scope="module")
