@@ -142,10 +142,14 @@ def allocate(levels: list[LevelPlan], gpus: float) -> None:
 def make_plan(cfg: GrandConfig, output_uri: str, gpus: float, levels: list[int] | None = None) -> Plan:
     store = Store(output_uri)
     wanted = levels or store.levels_present()
-    measured, unmeasured = [], []
+    measured: list[LevelPlan] = []
+    unmeasured: list[int] = []
     for level in wanted:
         lp = measure(store, cfg, level)
-        (measured if lp else unmeasured).append(lp or level)
+        if lp:
+            measured.append(lp)
+        else:
+            unmeasured.append(level)
     allocate(measured, gpus)
     images = sum(lv.images_measured for lv in measured)
     shards = sum(lv.shards_measured for lv in measured)
