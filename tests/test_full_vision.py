@@ -186,3 +186,25 @@ def test_tiny_folders_load_with_the_hub_offline(tmp_path) -> None:
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().endswith("ok")
+
+
+def test_loading_ultralytics_leaves_pil_and_torch_unpatched() -> None:
+    """Ultralytics swaps in its own PIL.Image.open (which tries to pip-install a HEIF plugin on an
+    unreadable file) and torch.save; after our backend imports it, both are PIL's and torch's own,
+    so a corrupt JPEG elsewhere in the actor is still a decode error row."""
+    import io
+
+    import PIL.Image
+    import torch
+
+    from grand_pipeline.models.backends import ultralytics_detector
+    from grand_pipeline.sources.base import ImageDecodeError, decode_image
+
+    before = PIL.Image.open, torch.save
+    ultralytics_detector._tasks()
+    assert (PIL.Image.open, torch.save) == before
+    assert PIL.Image.open.__module__ == "PIL.Image" and torch.save.__module__ == "torch.serialization"
+    with pytest.raises(ImageDecodeError):
+        decode_image(b"not an image at all", max_pixels=10_000_000)
+    with pytest.raises(PIL.UnidentifiedImageError):
+        PIL.Image.open(io.BytesIO(b"still not an image"))

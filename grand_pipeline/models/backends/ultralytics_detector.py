@@ -61,8 +61,18 @@ PAD_VALUE = 114.0  # ultralytics' letterbox grey
 
 def _tasks() -> Any:
     os.environ.setdefault("YOLO_OFFLINE", "1")  # no hub/asset/update checks from ultralytics
-    from ultralytics.nn import tasks
+    import PIL.Image
+    import torch
 
+    # Importing ultralytics replaces PIL.Image.open and torch.save process-wide. Its Image.open
+    # answers an unreadable file by trying to pip-install a HEIF plugin and then raises
+    # ModuleNotFoundError, so a corrupt JPEG in any other stage of this actor would stop being a
+    # decode error row. Put both back: our backend needs neither patch.
+    saved = PIL.Image.open, torch.save
+    try:
+        from ultralytics.nn import tasks
+    finally:
+        PIL.Image.open, torch.save = saved
     return tasks
 
 
