@@ -13,7 +13,7 @@ import subprocess
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,11 +76,11 @@ def code_version() -> str:
 def model_specs(models: Any) -> list[tuple[str, Any]]:
     """(hub key, ModelSpec) of every configured model: ``tagger``, ``detectors.owlv2``, ..."""
     out = [(f"detectors.{name}", spec) for name, spec in models.detectors.items()]
-    for name in ("tagger", "segmenter", "depth", "region_captioner", "text_embedder", "captioner",
-                 "phrase_extractor", "grounder", "landmark_classifier", "label_assigner", "llm"):  # fmt: skip
-        spec = getattr(models, name, None)
-        if spec is not None:
-            out.append((name, spec))
+    # The roles are ModelsConfig's fields, so a role added there is checked without a list here.
+    for f in fields(models):
+        spec = getattr(models, f.name)
+        if f.name != "detectors" and spec is not None:
+            out.append((f.name, spec))
     return out
 
 

@@ -76,7 +76,7 @@ class DenseCaptionStage(Stage):
             """Answers with their opener put back in front: the model wrote only the rest."""
             gens = generate(prompts, attempt)
             for p, gen in zip(prompts, gens, strict=True):
-                opener = self.first.prefix_of(p) or self.regenerate.prefix_of(p)
+                opener = self.first.prefix_of(p)  # the regeneration prompt has the same opener
                 if opener and gen.finish_reason != "error":
                     gen.text = join_answer(opener, gen.text)
             return gens

@@ -217,6 +217,5 @@ class SceneGraphStage(Stage):
             text, names = render_graph(record.fields, layered)
             record.fields["scene_graph"] = text
             record.fields["scene_objects"] = names
-            shown = [o for _, groups in layered for g in groups for o in g]
-            record.fields["scene_lead"] = lead_phrase(shown, self.cfg.level1.person.labels)
+            record.fields["scene_lead"] = lead_phrase(objects, self.cfg.level1.person.labels)
             logger.debug("%s: scene graph of %d objects, %d chars", record.image_id, len(objects), len(text))
