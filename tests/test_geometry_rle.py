@@ -182,3 +182,29 @@ def test_zero_size_masks(shape: tuple[int, int]) -> None:
     assert rle.decode_one(ours[0]).shape == shape
     assert rle.area(ours)[0] == 0
     np.testing.assert_array_equal(rle.to_bbox(ours), [[0, 0, 0, 0]])
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("h,w", SIZES)
+def test_union_matches_pycocotools_merge(seed: int, h: int, w: int) -> None:
+    masks = mask_sets(seed, h, w)
+    ours = rle.encode(masks)
+    for group in ([0], [0, 1], [0, 1, 2], [3, 4], [2, 6], [6, 7], list(range(len(masks)))):
+        merged = rle.union([ours[i] for i in group])
+        ref = mask_utils.merge([coco_encode(masks)[i] for i in group], intersect=False)
+        assert merged["counts"] == ref["counts"].decode()
+        np.testing.assert_array_equal(rle.decode_one(merged), masks[group].any(axis=0))
+
+
+def test_union_touching_runs_and_errors() -> None:
+    a = np.zeros((4, 3), bool)
+    b = np.zeros((4, 3), bool)
+    a[:2, 0] = True
+    b[2:, 0] = True  # continues a's run in column-major order: one run after the merge
+    merged = rle.union(rle.encode(np.stack([a, b])))
+    np.testing.assert_array_equal(rle.decode_one(merged), a | b)
+    assert merged["counts"] == coco_encode((a | b)[None])[0]["counts"].decode()
+    with pytest.raises(rle.InvalidRLE):
+        rle.union([])
+    with pytest.raises(rle.InvalidRLE):
+        rle.union(rle.encode(np.zeros((1, 2, 2), bool)) + rle.encode(np.zeros((1, 3, 2), bool)))

@@ -33,6 +33,7 @@ __all__ = [
     "mask_nms",
     "masks_to_boxes",
     "to_bbox",
+    "union",
 ]
 
 RLE = dict[str, Any]
@@ -257,6 +258,56 @@ def to_bbox(rles: Sequence[RLE]) -> np.ndarray:
         ye = np.where(wraps, h - 1, e % h)
         out[i] = (xs.min(), ys.min(), xe.max() + 1, ye.max() + 1)
     return out
+
+
+def union(rles: Sequence[RLE]) -> RLE:
+    """Pixel-wise OR of RLE masks of one size, computed on the runs (no dense mask).
+
+    GLaMM pairs one target with each grounded phrase, and a phrase may name several objects:
+    its target is the OR of their masks. The reference *summed* decoded masks instead, which
+    gives overlaps the value 2 (a BCE target outside [0, 1]).
+
+    Arguments:
+      rles: N >= 1 RLE dicts of one size (H, W).
+
+    Returns:
+      one compressed RLE ``{"size": [H, W], "counts": str}``, byte-identical to
+      ``pycocotools.mask.merge(rles, intersect=False)``.
+    """
+    parsed = [_parse(r) for r in _as_list(rles)]
+    if not parsed:
+        raise InvalidRLE("union of no masks: give at least one RLE")
+    sizes = {(h, w) for h, w, _ in parsed}
+    if len(sizes) > 1:
+        raise InvalidRLE(f"cannot merge RLEs of different sizes: {sorted(sizes)}")
+    h, w = parsed[0][:2]
+    starts, ends = [], []
+    for _, _, counts in parsed:
+        bounds = np.concatenate(([0], np.cumsum(counts)))
+        # 1-runs are the odd-indexed counts: [bounds[i], bounds[i + 1]) for odd i.
+        starts.append(bounds[1:-1:2])
+        ends.append(bounds[2::2])
+    s, e = np.concatenate(starts), np.concatenate(ends)
+    keep = e > s
+    s, e = s[keep], e[keep]
+    if s.size == 0:
+        merged = np.asarray([h * w], dtype=np.int64)
+    else:
+        order = np.argsort(s, kind="stable")
+        s, e = s[order], e[order]
+        reach = np.maximum.accumulate(e)
+        # A run opens a new interval when it starts after everything before it ended (touching
+        # runs merge, as they must: COCO counts never hold an empty run between two 1-runs).
+        new = np.concatenate(([True], s[1:] > reach[:-1]))
+        first = s[new]
+        last = np.maximum.reduceat(e, np.flatnonzero(new))
+        edges = np.empty(2 * first.size + 2, dtype=np.int64)
+        edges[0], edges[-1] = 0, h * w
+        edges[1:-1:2], edges[2:-1:2] = first, last
+        merged = np.diff(edges)
+        if merged[-1] == 0:
+            merged = merged[:-1]  # the mask ends with a 1-run: no trailing 0-run
+    return {"size": [h, w], "counts": _counts_to_string(merged)}
 
 
 def masks_to_boxes(masks: ArrayLike) -> np.ndarray:

@@ -1,0 +1,2 @@
+"""Committed rows -> GLaMM samples (``convert``), tagged conversations (``conversation``),
+pixels from the source shards (``images``) and a PyTorch Dataset (``dataset``)."""
