@@ -262,16 +262,40 @@ def show(
 def export(
     output: Annotated[str, typer.Option("--output", "-o", help="Output folder or URI of a run.")],
     to: Annotated[str, typer.Option("--to", help="Local folder to write the files into.")],
-    format_: Annotated[str, typer.Option("--format", help="Export format, e.g. grand-json.")] = "grand-json",
+    format_: Annotated[
+        str, typer.Option("--format", help="grand-json, grand-ref, or an add-on's: glamm, grandf-gcg, ...")
+    ] = "grand-json",
+    only_verified: Annotated[
+        bool | None,
+        typer.Option(
+            "--only-verified/--all-captions",
+            help="Keep only verified dense captions (default: the format's; training formats: verified).",
+        ),
+    ] = None,
+    methods: Annotated[
+        str | None, typer.Option(help="Grounding methods kept (training formats): exact,embedding[,noun].")
+    ] = None,
+    no_floating: Annotated[
+        bool, typer.Option("--no-floating", help="Drop phrases on floating objects (training formats).")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Write the highest committed level as one file per image (error rows listed in a summary)."""
-    from grand_pipeline.export import SUMMARY_NAME
+    """Write the highest committed level in a published layout; the summary (counts by reason, error
+    rows) goes to TO/_export/summary.json."""
+    from grand_pipeline.export import ExportOptions, summary_path
     from grand_pipeline.export import export as run_export
 
     _setup_logging(verbose)
-    count = run_export(output, format_, to)
-    typer.echo(f"exported {count} image(s) to {to} (summary: {SUMMARY_NAME})")
+    options = ExportOptions(
+        only_verified=only_verified,
+        methods=None if methods is None else tuple(m.strip() for m in methods.split(",") if m.strip()),
+        floating=False if no_floating else None,
+    )
+    summary = run_export(output, format_, to, options)
+    typer.echo(f"exported {summary['exported']} {summary['unit']} to {to} (level {summary['level']})")
+    for reason, count in summary["counts"].items():
+        typer.echo(f"  {reason}: {count}")
+    typer.echo(f"summary: {summary_path(to)}")
 
 
 @app.command("retry-failed")

@@ -1,15 +1,20 @@
 """``grand export``: committed rows -> files in a published layout.
 
-``grand-json`` writes one JSON per ok image in the reference GranD's final layout (DESIGN.md §3),
-read from the highest level that has committed shards (level 4 when the run is complete; every
-row is cumulative, so that one level holds everything). Error rows are not exported; they are
-listed, with their errors, in ``_export_summary.json``, which is written last so that its
-presence means the export finished.
+A format is an **exporter**: a callable that receives an :class:`ExportJob` (the store, the level
+read, the target folder, the options and a ``Counter``), streams the committed rows shard by shard,
+writes its files and returns its part of the summary. :class:`PerImageJson` is the kind that writes
+one JSON document per ok image; the reference layouts ``grand-json`` and ``grand-ref`` are two of
+them (``export_ref.py``). Training formats live in add-ons, registered through the
+``grand.export_formats`` entry point (``plugins.py``), so the core never imports them.
 
-Every document is validated before it is written: ``caption[s:e] == phrase`` for every detail
-and every id names an object. A violation is a pipeline bug, so it raises instead of being
-skipped. Files are written to a temporary name and renamed, so a reader never sees half a file.
-``--to`` is a local folder.
+Rows come from the highest level that has committed shards (every row is cumulative, so that
+level holds everything). Error rows are not exported: the job counts them (``rows:error``) and
+lists them with their errors; every filter drop is counted by reason (``<unit>:<reason>``).
+
+**Layout.** The summary is ``TO/_export/summary.json``, written last, so its presence means the
+export finished, and it never sits among the data files where a loader globbing ``TO/*.json``
+(or listing a format's data folder) would read it. Every file is written under a temporary name
+and renamed, so a reader never sees half a file. ``--to`` is a local folder.
 """
 
 from __future__ import annotations
@@ -18,126 +23,188 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
+from grand_pipeline import plugins
+from grand_pipeline.config import ConfigError
 from grand_pipeline.registry import Registry
 from grand_pipeline.schemas import STATUS_OK
 from grand_pipeline.store import Store, StoreError
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_NAME = "_export_summary.json"
+#: Where the summary goes, relative to ``--to``.
+SUMMARY_PATH = Path("_export") / "summary.json"
 
+Row = dict[str, Any]
 Document = dict[str, Any]
-#: A format turns one ok row (plus its level) into the JSON document of that image.
-FORMATS: Registry[Callable[[dict[str, Any], int], Document]] = Registry("export format")
-
-OBJECT_KEYS = (
-    "id",
-    "bbox",
-    "labels",
-    "label",
-    "score",
-    "attributes",
-    "depth",
-    "segmentation",
-    "segmentation_source",
-)
 
 
-class ExportValidationError(AssertionError):
-    """A document broke an invariant the pipeline guarantees (offsets, ids): a bug, not bad input."""
+def summary_path(to_dir: str | Path) -> Path:
+    return Path(to_dir) / SUMMARY_PATH
 
 
-def _details(details: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    return [
-        {
-            "phrase": d["phrase"],
-            "tokens_positive": list(d["tokens_positive"]),
-            "ids": list(d["ids"]),
-            "method": d.get("method"),
-        }
-        for d in details or []
-    ]
+@dataclass(frozen=True)
+class ExportOptions:
+    """Filters a format may read; None means "the format's default". A format rejects an option it
+    does not read (:attr:`Exporter.accepts`) rather than ignoring it."""
+
+    only_verified: bool | None = None  # keep only verified dense captions
+    methods: tuple[str, ...] | None = None  # grounding methods of the phrases kept
+    floating: bool | None = None  # phrases grounded on floating objects
+
+    def given(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
 
-@FORMATS.register("grand-json")
-def grand_json(row: dict[str, Any], level: int) -> Document:
-    """The reference's ``level-4-processed`` entry of one image; a column the level does not
-    have yet (e.g. ``additional_context`` below level 4) is None."""
-    landmark = row.get("landmark")
-    dense = row.get("dense_caption")
-    context = row.get("additional_context")
-    return {
-        "image": {k: row.get(k) for k in ("image_id", "file_name", "width", "height")},
-        "objects": [{k: obj.get(k) for k in OBJECT_KEYS} for obj in row.get("objects") or []],
-        "floating_objects": [
-            {k: obj.get(k) for k in OBJECT_KEYS} for obj in row.get("floating_objects") or []
-        ],
-        "floating_attributes": list(row.get("floating_attributes") or []),
-        "landmark": None if landmark is None else {k: landmark.get(k) for k in ("category", "fine_category")},
-        "relationships": {
-            "grounding": [
-                {"phrase": g["phrase"], "object_ids": list(g["object_ids"] or [])}
-                for g in ((row.get("relationships") or {}).get("grounding") or [])
-            ]
-        },
-        "short_captions": [
-            {"caption": item["caption"], "details": _details(item["details"])}
-            for item in row.get("short_captions_grounded") or []
-        ],
-        "dense_caption": None
-        if dense is None
-        else {"caption": dense["caption"], "details": _details(dense["details"])},
-        "additional_context": None if context is None else context.get("text"),
-        "provenance": {**(row.get("provenance") or {}), "level": level, "shard_id": row.get("shard_id")},
-    }
+#: The CLI flag of each option, for error messages.
+FLAGS = {
+    "only_verified": "--only-verified/--all-captions",
+    "methods": "--methods",
+    "floating": "--no-floating",
+}
 
 
-def validate(doc: Document) -> None:
-    """Raise :class:`ExportValidationError` unless every offset slices its phrase and every id exists."""
-    image_id = (doc.get("image") or {}).get("image_id")
-    ids = {obj["id"] for key in ("objects", "floating_objects") for obj in doc.get(key) or []}
+@dataclass
+class ExportJob:
+    """What an exporter works on. Its row iterators yield ok rows only; error rows are counted
+    (``rows:error``) and listed in ``skipped`` as they stream past."""
 
-    def fail(why: str) -> None:
-        raise ExportValidationError(f"image {image_id}: {why}")
+    store: Store
+    level: int
+    target: Path
+    options: ExportOptions
+    counts: Counter = field(default_factory=Counter)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
-    for group in (doc.get("relationships") or {}).get("grounding") or []:
-        if not set(group["object_ids"]) <= ids:
-            fail(
-                f"relationship {group['phrase']!r} names unknown ids {sorted(set(group['object_ids']) - ids)}"
-            )
-    captions = list(doc.get("short_captions") or [])
-    if doc.get("dense_caption"):
-        captions.append(doc["dense_caption"])
-    for item in captions:
-        caption = item["caption"] or ""
-        for detail in item["details"]:
-            span = detail["tokens_positive"]
-            if len(span) != 2 or not 0 <= span[0] < span[1] <= len(caption):
-                fail(
-                    f"detail {detail['phrase']!r} has bad tokens_positive {span} for a caption of {len(caption)}"
-                )
-            if caption[span[0] : span[1]] != detail["phrase"]:
-                fail(
-                    f"caption[{span[0]}:{span[1]}] is {caption[span[0] : span[1]]!r}, not {detail['phrase']!r}"
-                )
-            if not detail["ids"]:
-                fail(f"detail {detail['phrase']!r} has no ids")
-            if not set(detail["ids"]) <= ids:
-                fail(f"detail {detail['phrase']!r} names unknown ids {sorted(set(detail['ids']) - ids)}")
+    def shards(self) -> Iterator[tuple[str, Iterator[Row]]]:
+        """(shard id, its ok rows) per committed shard, in shard order; one batch in memory."""
+        for shard in sorted(self.store.committed(self.level)):
+            yield shard, self._ok_rows(shard)
+
+    def rows(self) -> Iterator[Row]:
+        for _, rows in self.shards():
+            yield from rows
+
+    def _ok_rows(self, shard: str) -> Iterator[Row]:
+        for batch in self.store.read(self.level, shard).to_batches():
+            for row in batch.to_pylist():
+                if row["status"] == STATUS_OK:
+                    yield row
+                else:
+                    self.counts["rows:error"] += 1
+                    self.skipped.append(
+                        {k: row.get(k) for k in ("image_id", "shard_id", "error_stage", "error")}
+                    )
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a hidden temporary name in the same folder, then rename over ``path``."""
+class Exporter(Protocol):
+    """Writes a format's files under ``job.target`` and returns its summary: at least
+    ``exported`` (int), ``unit`` (what was counted) and ``layout`` (file -> what it holds)."""
+
+    @property
+    def accepts(self) -> frozenset[str]:
+        """The ExportOptions fields it reads."""
+        ...
+
+    def __call__(self, job: ExportJob) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class FunctionExporter:
+    run: Callable[[ExportJob], dict[str, Any]]
+    accepts: frozenset[str] = frozenset()
+
+    def __call__(self, job: ExportJob) -> dict[str, Any]:
+        return self.run(job)
+
+
+FORMATS: Registry[Exporter] = Registry("export format")
+
+
+def register_format(
+    name: str, accepts: Iterable[str] = ()
+) -> Callable[[Callable[[ExportJob], dict]], Callable]:
+    """Register a function ``job -> summary`` as format ``name`` reading the options ``accepts``."""
+
+    def decorator(fn: Callable[[ExportJob], dict[str, Any]]) -> Callable[[ExportJob], dict[str, Any]]:
+        FORMATS.register(name)(FunctionExporter(fn, frozenset(accepts)))
+        return fn
+
+    return decorator
+
+
+def safe_file_name(image_id: Any, suffix: str) -> str:
+    """``<image_id><suffix>``, refusing anything that is not a plain name (ids come from tar
+    member names, which must never become paths)."""
+    name = f"{image_id}{suffix}"
+    if Path(name).name != name or name.startswith(".") or "\\" in name:
+        raise StoreError(f"image id {image_id!r} cannot be used as a file name")
+    return name
+
+
+@contextmanager
+def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a hidden temporary file next to ``path``; rename it over ``path`` on success."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as handle:
+            yield handle
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    with atomic_open(path) as handle:
+        handle.write(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+
+
+def dense_verified(row: Row) -> bool:
+    return bool((row.get("dense_caption") or {}).get("verified"))
+
+
+@dataclass(frozen=True)
+class PerImageJson:
+    """The exporter kind of one JSON document per ok image, ``<folder>/<image_id>.json`` under
+    ``--to``; ``--only-verified`` skips (and counts) images whose dense caption is not verified."""
+
+    document: Callable[[Row, int], Document]
+    folder: str = ""  # "" = ``--to`` itself
+    accepts: frozenset[str] = frozenset({"only_verified"})
+
+    def __call__(self, job: ExportJob) -> dict[str, Any]:
+        folder = job.target / self.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        written = 0
+        for row in job.rows():
+            job.counts["rows:ok"] += 1
+            if job.options.only_verified and not dense_verified(row):
+                job.counts["images:unverified"] += 1
+                continue
+            write_json_atomic(
+                folder / safe_file_name(row["image_id"], ".json"), self.document(row, job.level)
+            )
+            written += 1
+        where = f"{self.folder}/" if self.folder else ""
+        return {
+            "exported": written,
+            "unit": "image(s)",
+            "layout": {f"{where}<image_id>.json": "one document per image"},
+        }
+
+
+def load_formats() -> Registry[Exporter]:
+    """Every format: the core ones outside this file, then the add-ons' entry points."""
+    import grand_pipeline.export_ref  # noqa: F401  (registers grand-json, grand-ref; imports this module)
+
+    plugins.load(plugins.EXPORT_FORMATS)
+    return FORMATS
 
 
 def highest_committed_level(store: Store) -> int:
@@ -148,16 +215,14 @@ def highest_committed_level(store: Store) -> int:
     raise StoreError(f"nothing is committed in {store.uri}: run `grand run` first")
 
 
-def iter_rows(store: Store, level: int) -> Iterator[dict[str, Any]]:
-    """Rows of every committed shard of ``level``, one record batch in memory at a time."""
-    for shard in sorted(store.committed(level)):
-        for batch in store.read(level, shard).to_batches():
-            yield from batch.to_pylist()
-
-
-def export(output_uri: str, fmt: str, to_dir: str) -> int:
-    """Export the committed output at ``output_uri`` as ``fmt`` into ``to_dir``; returns files written."""
-    convert = FORMATS.get(fmt)  # unknown format: UnknownNameError listing the known ones
+def export(output_uri: str, fmt: str, to_dir: str, options: ExportOptions | None = None) -> dict[str, Any]:
+    """Export the committed output at ``output_uri`` as ``fmt`` into ``to_dir``; returns the
+    summary (also written to :func:`summary_path`)."""
+    options = options or ExportOptions()
+    exporter = load_formats().get(fmt)  # unknown format: UnknownNameError listing the known ones
+    unread = [FLAGS[name] for name in options.given() if name not in exporter.accepts]
+    if unread:
+        raise ConfigError(f"{', '.join(unread)}: not an option of export format {fmt!r}")
     store = Store(output_uri)
     level = highest_committed_level(store)
     if level < 4:
@@ -169,34 +234,29 @@ def export(output_uri: str, fmt: str, to_dir: str) -> int:
         )
     target = Path(to_dir)
     target.mkdir(parents=True, exist_ok=True)
+    summary_file = summary_path(target)
     # The summary marks a finished export; a previous one must not vouch for this one meanwhile.
-    (target / SUMMARY_NAME).unlink(missing_ok=True)
-    exported, skipped = 0, []
-    for row in iter_rows(store, level):
-        if row["status"] != STATUS_OK:
-            skipped.append({k: row.get(k) for k in ("image_id", "shard_id", "error_stage", "error")})
-            continue
-        name = f"{row['image_id']}.json"
-        if Path(name).name != name or name.startswith("."):
-            raise StoreError(f"image id {row['image_id']!r} cannot be used as a file name")
-        doc = convert(row, level)
-        validate(doc)
-        write_json_atomic(target / name, doc)
-        exported += 1
+    summary_file.unlink(missing_ok=True)
+    job = ExportJob(store, level, target, options)
+    result = exporter(job)
     summary = {
         "format": fmt,
         "output": output_uri,
         "level": level,
-        "exported": exported,
-        "skipped": len(skipped),
-        "skipped_images": skipped,
+        "options": asdict(options),
+        **result,
+        "counts": dict(sorted(job.counts.items())),
+        "skipped": len(job.skipped),
+        "skipped_images": job.skipped,
     }
-    write_json_atomic(target / SUMMARY_NAME, summary)
+    summary_file.parent.mkdir(exist_ok=True)
+    write_json_atomic(summary_file, summary)
     logger.info(
-        "exported %d image(s) of level %d to %s; %d error row(s) skipped",
-        exported,
+        "exported %d %s of level %d to %s; %d error row(s) skipped",
+        summary["exported"],
+        summary["unit"],
         level,
         to_dir,
-        len(skipped),
+        len(job.skipped),
     )
-    return exported
+    return summary

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from grand_pipeline.cli import app
 from grand_pipeline.sample import make_sample
 from grand_pipeline.schemas import level_schema
+from tests.grounded_masks import assert_grounded_ids_have_masks
 
 runner = CliRunner()
 
@@ -68,7 +69,10 @@ def test_level_by_level_then_export(staged, tmp_path) -> None:
         versions = {p["prompt"] for p in row["provenance"]["prompt_versions"]}
         assert {"short_caption", "dense_caption", "additional_context"} <= versions
         stages = {b["stage"] for b in row["provenance"]["backends"]}
-        assert {"detect", "captions", "dense_caption", "additional_context"} <= stages
+        assert {"detect", "captions", "object_masks", "dense_caption", "additional_context"} <= stages
+        # Level 2 leaves no object without a mask, so every grounded phrase has one.
+        assert all(o["segmentation"] is not None for o in row["objects"] + row["floating_objects"])
+        assert_grounded_ids_have_masks(row)
 
     dest = tmp_path / "export"
     result = grand("export", "-o", str(out), "--format", "grand-json", "--to", str(dest))
@@ -84,5 +88,5 @@ def test_level_by_level_then_export(staged, tmp_path) -> None:
                 s, e = detail["tokens_positive"]
                 assert caption["caption"][s:e] == detail["phrase"]
                 assert set(detail["ids"]) <= ids
-    summary = json.loads((dest / "_export_summary.json").read_text())
+    summary = json.loads((dest / "_export" / "summary.json").read_text())
     assert summary["exported"] == 2

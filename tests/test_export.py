@@ -1,8 +1,12 @@
-"""``grand export --format grand-json`` and ``grand show --to x.html`` on hand-built committed rows."""
+"""``grand export --format grand-json|grand-ref`` and ``grand show --to x.html`` on hand-built committed rows.
+
+The grand-ref checks follow the glamm reference (§3.6, §7): a schema written from it, and a small
+re-typed reader that follows the authors' ``prepare_grand_*`` reading rules."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +14,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
+from pycocotools import mask as mask_utils
 from skimage import data as skdata
 from typer.testing import CliRunner
 
 from grand_pipeline.cli import app
-from grand_pipeline.export import SUMMARY_NAME, ExportValidationError, export
+from grand_pipeline.export import SUMMARY_PATH, export
+from grand_pipeline.export_ref import ExportValidationError
 from grand_pipeline.geometry import rle
 from grand_pipeline.registry import UnknownNameError
 from grand_pipeline.schemas import STATUS_ERROR, STATUS_OK, level_schema
@@ -90,6 +96,7 @@ def make_row(
         "floating_objects": [an_object(3, "saucer", (90, 180, 220, 220), "white saucer")],
         "floating_attributes": [{"bbox": [1.0, 2.0, 3.0, 4.0], "description": "blue sky", "score": 0.3}],
         "depth_source": "ground_plane (heuristic)",
+        "depth_lowres": {"height": 1, "width": 2, "values": [0.25, 0.75]},
         "short_captions": [{"caption": SHORT, "source": "llm_from_tags"}],
         "phrases": [{"phrase": "White Cup", "caption_index": 0, "start": 2, "end": 11}],
         "relationships": {"grounding": [{"phrase": "a wooden table", "object_ids": [2]}]},
@@ -147,12 +154,11 @@ def run_output(tmp_path: Path) -> Path:
 
 def test_grand_json_has_every_reference_key_and_valid_offsets(run_output: Path, tmp_path: Path) -> None:
     to = tmp_path / "export"
-    assert export(str(run_output), "grand-json", str(to)) == 2
-    assert sorted(p.name for p in to.iterdir()) == [
-        SUMMARY_NAME,
-        "sa_1.json",
-        "sa_3.json",
-    ]  # no temp files left
+    assert export(str(run_output), "grand-json", str(to))["exported"] == 2
+    # No temp files left; the summary is out of the data files' glob.
+    assert sorted(p.name for p in to.iterdir()) == ["_export", "sa_1.json", "sa_3.json"]
+    assert sorted(p.name for p in to.glob("*.json")) == ["sa_1.json", "sa_3.json"]
+    assert sorted(p.name for p in (to / "_export").iterdir()) == ["summary.json"]
     doc = json.loads((to / "sa_1.json").read_text())
     assert {
         "objects",
@@ -182,6 +188,8 @@ def test_grand_json_has_every_reference_key_and_valid_offsets(run_output: Path, 
     assert doc["relationships"] == {"grounding": [{"phrase": "a wooden table", "object_ids": [2]}]}
     assert doc["dense_caption"]["caption"] == CAPTION
     assert doc["additional_context"] == "Coffee <hot> & ready."
+    assert (doc["dense_caption"]["verified"], doc["dense_caption"]["attempts"]) == (True, 1)
+    assert (doc["additional_context_verified"], doc["additional_context_attempts"]) == (True, 1)
     assert doc["image"] == {"image_id": "sa_1", "file_name": "sa_1.jpg", "width": W, "height": H}
     assert doc["provenance"]["level"] == 4 and doc["provenance"]["config_hash"] == "abc"
     ids = {o["id"] for o in doc["objects"] + doc["floating_objects"]}
@@ -197,8 +205,9 @@ def test_grand_json_has_every_reference_key_and_valid_offsets(run_output: Path, 
 def test_error_rows_are_skipped_and_listed_in_the_summary(run_output: Path, tmp_path: Path) -> None:
     to = tmp_path / "export"
     export(str(run_output), "grand-json", str(to))
-    summary = json.loads((to / SUMMARY_NAME).read_text())
+    summary = json.loads((to / SUMMARY_PATH).read_text())
     assert (summary["exported"], summary["skipped"], summary["level"]) == (2, 1, 4)
+    assert summary["counts"] == {"rows:error": 1, "rows:ok": 2}
     assert summary["skipped_images"] == [
         {"image_id": "sa_2", "shard_id": "a", "error_stage": "dense_caption", "error": "LLM failed 3 times"}
     ]
@@ -211,7 +220,7 @@ def test_an_offset_bug_raises_instead_of_being_exported(tmp_path: Path) -> None:
     commit(out, 4, "a", [row])
     with pytest.raises(ExportValidationError, match="not 'white cup'"):
         export(str(out), "grand-json", str(tmp_path / "export"))
-    assert not (tmp_path / "export" / SUMMARY_NAME).exists()
+    assert not (tmp_path / "export" / SUMMARY_PATH).exists()
     row = make_row("sa_1", "a")
     row["short_captions_grounded"][0]["details"][0]["ids"] = [1, 42]
     commit(out, 4, "b", [row])
@@ -221,7 +230,7 @@ def test_an_offset_bug_raises_instead_of_being_exported(tmp_path: Path) -> None:
 
 
 def test_unknown_format_and_empty_output_are_one_clear_error(run_output: Path, tmp_path: Path) -> None:
-    with pytest.raises(UnknownNameError, match="known: grand-json"):
+    with pytest.raises(UnknownNameError, match="known: .*grand-json, grand-ref"):
         export(str(run_output), "gcg-v9", str(tmp_path / "x"))
     with pytest.raises(StoreError, match="nothing is committed"):
         export(str(tmp_path / "empty"), "grand-json", str(tmp_path / "x"))
@@ -230,12 +239,153 @@ def test_unknown_format_and_empty_output_are_one_clear_error(run_output: Path, t
         app, ["export", "-o", str(run_output), "--format", "gcg-v9", "--to", str(tmp_path / "x")]
     )
     assert bad.exit_code == 2
-    assert bad.output.strip().splitlines() == [
-        "grand: error: unknown export format 'gcg-v9'; known: grand-json"
-    ]
+    [line] = bad.output.strip().splitlines()
+    assert line.startswith("grand: error: unknown export format 'gcg-v9'; known: ") and "grand-ref" in line
     ok = runner.invoke(app, ["export", "-o", str(run_output), "--to", str(tmp_path / "y")])
     assert ok.exit_code == 0, ok.output
-    assert "exported 2 image(s)" in ok.output
+    assert "exported 2 image(s)" in ok.output and "rows:error: 1" in ok.output
+    assert f"summary: {tmp_path / 'y' / SUMMARY_PATH}" in ok.output
+    unread = runner.invoke(
+        app, ["export", "-o", str(run_output), "--methods", "exact", "--to", str(tmp_path / "z")]
+    )
+    assert unread.exit_code == 2
+    assert unread.output.strip() == "grand: error: --methods: not an option of export format 'grand-json'"
+
+
+def test_only_verified_skips_and_counts_unverified_dense_captions(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    unverified = make_row("sa_2", "a")
+    unverified["dense_caption"]["verified"] = False
+    unverified["dense_caption"]["attempts"] *= 3
+    commit(out, 4, "a", [make_row("sa_1", "a"), unverified])
+    everything = export(str(out), "grand-json", str(tmp_path / "all"))
+    assert everything["exported"] == 2
+    doc = json.loads((tmp_path / "all" / "sa_2.json").read_text())
+    assert (doc["dense_caption"]["verified"], doc["dense_caption"]["attempts"]) == (False, 3)
+    result = CliRunner().invoke(
+        app, ["export", "-o", str(out), "--only-verified", "--to", str(tmp_path / "verified")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "exported 1 image(s)" in result.output and "images:unverified: 1" in result.output
+    assert sorted(p.name for p in (tmp_path / "verified").glob("*.json")) == ["sa_1.json"]
+    summary = json.loads((tmp_path / "verified" / SUMMARY_PATH).read_text())
+    assert summary["options"]["only_verified"] is True and summary["counts"]["images:unverified"] == 1
+
+
+# ----------------------------------------------------------------------------- grand-ref
+
+
+def check_rle(rle_obj: dict[str, Any], height: int, width: int) -> None:
+    assert rle_obj.keys() == {"size", "counts"}
+    assert mask_utils.decode(rle_obj).shape == (height, width)
+
+
+def check_grand_ref_schema(data: dict[str, Any]) -> None:
+    """The authors' GranD layout (glamm reference §3.6 / §7, grand reference §5)."""
+    assert len(data) == 1
+    [(file_name, entry)] = data.items()
+    assert file_name.endswith(".jpg")
+    assert {
+        "objects",
+        "floating_objects",
+        "short_captions",
+        "dense_caption",
+        "additional_context",
+    } <= entry.keys()
+    assert {"floating_attributes", "landmark", "relationships"} <= entry.keys()
+    assert isinstance(entry["additional_context"], str)
+    ids = set()
+    for obj in entry["objects"] + entry["floating_objects"]:
+        assert {"id", "bbox", "labels", "label", "attributes", "segmentation"} <= obj.keys()
+        assert len(obj["bbox"]) == 4
+        check_rle(obj["segmentation"], entry["height"], entry["width"])
+        ids.add(obj["id"])
+    captions = [(c, True) for c in entry["short_captions"]] + [(entry["dense_caption"], False)]
+    for caption, short in captions:
+        assert {"caption", "details"} <= caption.keys()
+        for detail in caption["details"]:
+            assert {"phrase", "tokens_positive", "id", "bbox"} <= detail.keys()
+            s, e = detail["tokens_positive"]
+            assert caption["caption"][s:e] == detail["phrase"]
+            assert isinstance(detail["id"], int) and detail["id"] in ids
+            boxes = [detail["bbox"]] if short else detail["bbox"]
+            assert boxes and all(len(box) == 4 for box in boxes)
+
+
+def read_grand_ref_like_the_authors(folder: Path) -> tuple[dict[str, list], dict[str, list]]:
+    """Re-typed reading rules of ``prepare_grand_caption_grounding`` / ``_referring_expression``:
+    ``os.listdir`` the folder, ``image = list(data.keys())[0]``, a short-caption detail's ``id``
+    names the object whose segmentation it takes (floating objects: None), and objects with
+    attributes become expressions (one containing a label, else the first)."""
+    grounding: dict[str, list] = {}
+    referring: dict[str, list] = {}
+    for name in os.listdir(folder):
+        data = json.loads((folder / name).read_text())
+        image = list(data.keys())[0]
+        entry = data[image]
+        masks = {obj["id"]: obj["segmentation"] for obj in entry["objects"]}
+        grounding[image] = [
+            {
+                "caption": item["caption"],
+                "details": [
+                    {
+                        "phrase": d["phrase"],
+                        "tokens_positive": d["tokens_positive"],
+                        "id": d["id"],
+                        "segmentation": masks.get(d["id"]),
+                    }
+                    for d in item["details"]
+                ],
+            }
+            for item in entry["short_captions"]
+        ]
+        referring[image] = []
+        for obj in entry["objects"]:
+            if not obj["attributes"]:
+                continue
+            named = [a for a in obj["attributes"] if any(label in a for label in obj["labels"])]
+            referring[image].append(
+                {
+                    "attribute": (named or obj["attributes"])[0],
+                    "id": obj["id"],
+                    "bbox": obj["bbox"],
+                    "segmentation": obj["segmentation"],
+                }
+            )
+    return grounding, referring
+
+
+def test_grand_ref_round_trips_through_the_authors_reading_rules(tmp_path: Path) -> None:
+    out, row = tmp_path / "out", make_row("sa_1", "a")
+    row["short_captions_grounded"][0]["details"][0]["ids"] = [2, 1]  # a two-object phrase
+    row["dense_caption"]["details"][0]["ids"] = [3, 1]
+    commit(out, 4, "a", [row, make_row("sa_2", "a", error="boom")])
+    to = tmp_path / "ref"
+    summary = export(str(out), "grand-ref", str(to))
+    assert (summary["exported"], summary["counts"]["rows:error"]) == (1, 1)
+    assert sorted(os.listdir(to)) == ["_export", "annotations"]
+    assert os.listdir(to / "annotations") == ["sa_1.json"]  # nothing else for their os.listdir
+    data = json.loads((to / "annotations" / "sa_1.json").read_text())
+    check_grand_ref_schema(data)
+    entry = data["sa_1.jpg"]
+    dense = entry["dense_caption"]["details"][0]
+    assert (dense["id"], dense["ids"], dense["bbox"]) == (
+        1,
+        [3, 1],
+        [[90.0, 180.0, 220.0, 220.0], [100.0, 100.0, 200.0, 200.0]],
+    )
+    grounding, referring = read_grand_ref_like_the_authors(to / "annotations")
+    [item] = grounding["sa_1.jpg"]
+    [detail] = item["details"]
+    assert item["caption"] == SHORT
+    assert (detail["phrase"], detail["tokens_positive"], detail["id"]) == ("White Cup", [2, 11], 1)
+    assert entry["short_captions"][0]["details"][0]["bbox"] == [100.0, 100.0, 200.0, 200.0]  # the box of id 1
+    cup = row["objects"][0]
+    assert np.array_equal(mask_utils.decode(detail["segmentation"]), rle.decode_one(cup["segmentation"]))
+    assert [r["attribute"] for r in referring["sa_1.jpg"]] == ["white cup", "wooden table"]
+    for got, obj in zip(referring["sa_1.jpg"], row["objects"], strict=True):
+        assert (got["id"], got["bbox"]) == (obj["id"], obj["bbox"])
+        assert np.array_equal(mask_utils.decode(got["segmentation"]), rle.decode_one(obj["segmentation"]))
 
 
 # ----------------------------------------------------------------------------- grand show

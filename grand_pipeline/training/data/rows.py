@@ -8,7 +8,7 @@ read one record batch at a time, in shard order, so memory follows the batch, no
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from grand_pipeline.store import Store, StoreError
@@ -54,7 +54,15 @@ def iter_gcg_ground_truth(store: Store, opts: ConvertOptions, counts: Counter) -
     """The GCG ground truth of a committed output: each ok row's dense-caption GCG sample, under
     the converters' filters (``opts``: ``ConvertOptions``). The evaluator's ``--gt OUTPUT`` and the
     ``gcg-oracle`` export both read this, so a perfect model scores exactly 1."""
-    for row in iter_committed_rows(store):
+    yield from gcg_ground_truth(iter_committed_rows(store), opts, counts)
+
+
+def gcg_ground_truth(
+    rows: Iterable[dict[str, Any]], opts: ConvertOptions, counts: Counter
+) -> Iterator[GCGSample]:
+    """The dense-caption GCG sample of each ok row of ``rows`` (``iter_gcg_ground_truth`` over
+    rows already read, e.g. the export's stream)."""
+    for row in rows:
         for sample in convert_row(row, opts, counts).gcg:
             if sample.source == "dense":
                 yield sample
