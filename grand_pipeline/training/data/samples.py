@@ -15,7 +15,7 @@ RLE = dict[str, Any]
 #: Strings GLaMM's tokenizer or conversation template gives a meaning to. A caption holding one
 #: would inject structure into the tagged text (a stray ``[SEG]`` would take a mask), so such a
 #: caption is refused, never escaped.
-SPECIAL_STRINGS = ("<p>", "</p>", "[SEG]", "<image>", "<bbox>", "<im_start>", "<im_end>", "<point>")
+SPECIAL_STRINGS = ("<p>", "</p>", "[SEG]", "<image>", "<bbox>", "<im_start>", "<im_end>", "<point>", "<s>", "</s>")
 
 
 @dataclass(frozen=True)
