@@ -65,12 +65,18 @@ FLOATING_ATTRIBUTE = pa.struct(
     [("bbox", BOX), ("description", pa.string()), ("score", pa.float32())]
 )
 
+#: A low-resolution copy of the image's depth map: ``height`` x ``width`` cells (longest side
+#: about 64, each the area mean of its pixels), ``values`` row-major. It lets level 2 give a depth
+#: to the objects it creates, without keeping the full map.
+DEPTH_GRID = pa.struct([("height", pa.int32()), ("width", pa.int32()), ("values", pa.list_(pa.float32()))])
+
 LEVEL1_FIELDS = [
     pa.field("tags", pa.list_(TAG)),
     pa.field("objects", pa.list_(OBJECT)),
     pa.field("floating_objects", pa.list_(OBJECT)),
     pa.field("floating_attributes", pa.list_(FLOATING_ATTRIBUTE)),
     pa.field("depth_source", pa.string()),
+    pa.field("depth_lowres", DEPTH_GRID),
 ]
 
 DETAIL = pa.struct(

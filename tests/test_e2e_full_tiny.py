@@ -19,6 +19,7 @@ from grand_pipeline.cli import app
 from grand_pipeline.config import load_config
 from grand_pipeline.sample import make_sample
 from grand_pipeline.schemas import level_schema
+from tests.grounded_masks import assert_grounded_ids_have_masks
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ runner = CliRunner()
 #: Backends of the full profile that each level must record (the rest of tiny.yaml may change).
 EXPECTED = {
     1: {"clip_tagger", "ultralytics", "owlv2", "grounding_dino", "sam", "hf_depth", "blip2_region"},
-    2: {"blip2", "clip_landmark", "spacy", "grounding_dino"},
+    2: {"blip2", "clip_landmark", "spacy", "grounding_dino", "sam"},
     3: {"gguf_transformers"},
     4: {"gguf_transformers"},
 }
@@ -87,3 +88,14 @@ def test_provenance_names_full_backends_and_their_weights(run_dir: Path) -> None
         assert len(recorded.get(name, "")) == 64, f"run.json: {name} -> {recorded.get(name)!r}"
     # captioner and region captioner share one tiny BLIP-2: the same weights identity.
     assert recorded["blip2"] == recorded["blip2_region"]
+
+
+def test_every_grounded_phrase_points_at_a_mask(run_dir: Path) -> None:
+    # The random grounder's boxes match nothing, so level 2 makes new objects: each gets a mask.
+    for level in (2, 3, 4):
+        rows = pq.read_table(run_dir / f"level{level}" / "sa_000040.parquet", use_threads=False).to_pylist()
+        for row in rows:
+            objects = row["objects"] + row["floating_objects"]
+            assert all(o["segmentation"] is not None for o in objects), (level, row["image_id"])
+            if level >= 3:
+                assert_grounded_ids_have_masks(row)

@@ -14,6 +14,7 @@ from grand_pipeline.geometry import rle
 from grand_pipeline.geometry.boxes import box_iou
 from grand_pipeline.sample import make_sample
 from grand_pipeline.show import render
+from tests.grounded_masks import assert_grounded_ids_have_masks
 
 # Levels 1-4 with the real lite models take about 4 minutes on a quiet 2-core machine; the
 # module-wide budget leaves room for a loaded one.
@@ -99,6 +100,13 @@ def test_dense_caption_names_the_detected_object_and_grounds_it(lite_output: Pat
         assert caption[start:end] == detail["phrase"]
         assert all(i in by_id for i in detail["ids"])
     assert any(label in d["phrase"].lower() for d in hits), [d["phrase"] for d in hits]
+
+
+def test_every_grounded_phrase_points_at_a_mask(lite_output: Path) -> None:
+    for level in (3, 4):
+        rows = _rows(lite_output, level)
+        counts = {image_id: assert_grounded_ids_have_masks(row) for image_id, row in rows.items()}
+        assert all(counts.values()), f"level {level}: an image has no grounded phrase: {counts}"
 
 
 def test_show_colours_the_grounded_phrase(lite_output: Path, tmp_path: Path) -> None:

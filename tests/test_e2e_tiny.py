@@ -59,6 +59,12 @@ def test_local_run_commits_level1(sample_dir: Path, tmp_path: Path) -> None:
     assert ("detect", "nanodet_onnx", False) in used
     assert ("depth", "ground_plane", True) in used
     assert row["depth_source"].endswith("(heuristic)")
+    # Every object leaves level 1 with a mask of the image's size, and the low-res depth map that
+    # level 2 reads depths from (longest side 64 cells for the 512x512 sample).
+    for obj in row["objects"] + row["floating_objects"]:
+        assert obj["segmentation"]["size"] == [row["height"], row["width"]]
+    lowres = row["depth_lowres"]
+    assert (lowres["height"], lowres["width"]) == (64, 64) and len(lowres["values"]) == 64 * 64
     run_meta = json.loads((out / "_run" / "run.json").read_text())
     assert run_meta["config_hash"] == row["provenance"]["config_hash"]
     assert len(run_meta["models"]["segmenter"]["weights"]) == 64

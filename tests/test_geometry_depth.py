@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from grand_pipeline.geometry.depth import (
+    area_mean,
+    box_cell_areas,
+    cell_sums,
     depth_layers,
+    grid_medians,
+    grid_size,
+    lowres_depths,
     median_in_masks,
     normalise_depth,
     proximity_groups,
@@ -90,3 +96,101 @@ def test_proximity_groups() -> None:
     assert proximity_groups(np.zeros((0, 4)), [], (10, 10)).shape == (0,)
     with pytest.raises(ValueError):
         proximity_groups(boxes, layers[:-1], (100, 100))
+
+
+# ----------------------------------------------------------------------------- low-resolution maps
+
+
+def test_grid_size_keeps_aspect_and_never_upsamples() -> None:
+    assert grid_size(1500, 2250) == (43, 64)
+    assert grid_size(2250, 1500) == (64, 43)
+    assert grid_size(512, 512) == (64, 64)
+    assert grid_size(40, 30) == (40, 30)  # already small: one cell per pixel
+    assert grid_size(1, 5000) == (1, 64)
+    with pytest.raises(ValueError):
+        grid_size(0, 10)
+
+
+def test_cell_sums_and_area_mean_by_hand() -> None:
+    # 5 rows into 2 cells: rows [0, 2) and [2, 5); 4 columns into 2: [0, 2) and [2, 4).
+    depth = np.arange(20, dtype=float).reshape(5, 4)
+    np.testing.assert_array_equal(cell_sums(depth, (2, 2)), [[10, 18], [75, 87]])
+    np.testing.assert_allclose(area_mean(depth, (2, 2)), [[2.5, 4.5], [12.5, 14.5]])
+    masks = np.zeros((2, 5, 4), bool)
+    masks[0, 1:3, 1:3] = True  # one pixel in each cell
+    np.testing.assert_array_equal(cell_sums(masks, (2, 2)), [[[1, 1], [1, 1]], [[0, 0], [0, 0]]])
+    # Non-finite pixels are left out; a cell with none left is NaN.
+    depth[0, 0], depth[2:, 2:] = np.nan, np.inf
+    out = area_mean(depth, (2, 2))
+    np.testing.assert_allclose(out[0], [(1 + 4 + 5) / 3, 4.5])
+    assert out[1, 0] == 12.5 and np.isnan(out[1, 1])
+    with pytest.raises(ValueError):
+        cell_sums(depth, (6, 2))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_area_mean_matches_a_loop_over_cells(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    height, width = rng.integers(1, 90, size=2)
+    depth = rng.random((height, width))
+    h, w = grid_size(int(height), int(width), longest=int(rng.integers(1, 20)))
+    rows, cols = (np.arange(h + 1) * height) // h, (np.arange(w + 1) * width) // w
+    expected = [[depth[rows[i] : rows[i + 1], cols[j] : cols[j + 1]].mean() for j in range(w)] for i in range(h)]
+    np.testing.assert_allclose(area_mean(depth, (h, w)), expected)
+
+
+def test_box_cell_areas_split_a_box_over_cells() -> None:
+    # 10x10 image, 2x2 grid of 5x5 cells; the box covers x 2.5..7, y 0..5 (and spills outside).
+    areas = box_cell_areas([[2.5, -3, 7, 5], [20, 20, 30, 30]], (10, 10), (2, 2))
+    np.testing.assert_allclose(areas[0], [[12.5, 10.0], [0, 0]])
+    np.testing.assert_array_equal(areas[1], np.zeros((2, 2)))
+    assert box_cell_areas(np.zeros((0, 4)), (10, 10), (2, 2)).shape == (0, 2, 2)
+
+
+def test_grid_medians_weighted_and_nan_aware() -> None:
+    grid = np.array([[1.0, 2.0], [3.0, np.nan]])
+    weights = np.array(
+        [
+            [[1, 1], [1, 0]],  # 1 2 3 -> 2
+            [[1, 0], [3, 0]],  # weight 3 on the 3 -> 3
+            [[1, 1], [0, 0]],  # 1 2 -> lower median 1
+            [[0, 0], [0, 5]],  # only the NaN cell -> NaN
+            [[0, 0], [0, 0]],  # nothing -> NaN
+        ],
+        dtype=float,
+    )
+    out = grid_medians(grid, weights)
+    np.testing.assert_array_equal(out[:3], [2.0, 3.0, 1.0])
+    assert np.isnan(out[3:]).all()
+    assert grid_medians(grid, np.zeros((0, 2, 2))).shape == (0,)
+    with pytest.raises(ValueError):
+        grid_medians(grid, np.ones((1, 3, 2)))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_grid_medians_equal_the_median_of_the_upsampled_map(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    height, width, grid = 37, 53, (7, 9)
+    cells = rng.random(grid)
+    rows, cols = (np.arange(grid[0] + 1) * height) // grid[0], (np.arange(grid[1] + 1) * width) // grid[1]
+    # Nearest-cell upsampling: every pixel takes its cell's value.
+    upsampled = cells[np.repeat(np.arange(grid[0]), np.diff(rows))][:, np.repeat(np.arange(grid[1]), np.diff(cols))]
+    masks = rng.random((6, height, width)) < 0.3
+    out = grid_medians(cells, cell_sums(masks, grid))
+    for mask, value in zip(masks, out, strict=True):
+        ordered = np.sort(upsampled[mask])
+        assert value == ordered[(ordered.size - 1) // 2]  # the lower median
+
+
+def test_lowres_depths_use_the_mask_then_the_box() -> None:
+    # 8x8 image on a 2x2 grid of 4x4 cells: near (10) on the left, far (1) on the right.
+    grid = np.array([[10.0, 1.0], [10.0, np.nan]])
+    masks = np.zeros((3, 8, 8), bool)
+    masks[0, :, 5:] = True  # right column of cells: 1 and NaN -> 1
+    masks[1, 1:7, 1:4] = True  # left cells only -> 10
+    boxes = np.array([[0, 0, 8, 8], [0, 0, 8, 8], [4, 0, 8, 4]], float)  # mask 2 empty -> its box: 1
+    np.testing.assert_array_equal(lowres_depths(grid, masks, boxes), [1.0, 10.0, 1.0])
+    nothing = lowres_depths(grid, np.zeros((1, 8, 8), bool), [[4, 4, 8, 8]])  # box on the NaN cell
+    assert np.isnan(nothing).all()
+    with pytest.raises(ValueError):
+        lowres_depths(grid, masks, boxes[:2])

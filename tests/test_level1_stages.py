@@ -419,6 +419,14 @@ def test_depth_is_the_median_inside_the_mask_and_source_is_labelled():
     assert masked["depth"] == 124.5 and boxed["depth"] == 5.0
     assert recs[0].fields["depth_source"] == recs[1].fields["depth_source"] == "fake-depth (heuristic)"
     assert recs[0].backends[0]["heuristic"] is True
+    # The low-res copy: longest side 64 cells, each the mean of its columns' indices.
+    lowres = recs[0].fields["depth_lowres"]
+    height, width = lowres["height"], lowres["width"]
+    assert max(height, width) == 64 and abs(height / width - H / W) < 0.02
+    cells = np.asarray(lowres["values"], np.float32).reshape(height, width)
+    edges = np.arange(width + 1) * W // width
+    np.testing.assert_allclose(cells[0], (edges[:-1] + edges[1:] - 1) / 2, rtol=1e-6)
+    assert (cells == cells[0]).all()
 
 
 # ----------------------------------------------------------------------------- level spec and rows

@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from grand_pipeline.config import GrandConfig, Level2Config, ModelsConfig, ModelSpec
+from grand_pipeline.config import GrandConfig, Level2Config, ModelsConfig, ModelSpec, load_config
+from grand_pipeline.geometry import rle
 from grand_pipeline.models.backends.captioner_llm import LLMFromTagsCaptioner, clean_caption
 from grand_pipeline.models.backends.embedding_grounder import EmbeddingGrounder, object_text, object_texts
 from grand_pipeline.models.backends.embedding_labels import EmbeddingContextLabeller
@@ -30,6 +31,7 @@ from grand_pipeline.models.roles import (
     LandmarkClassifier,
     Phrase,
     PhraseExtractor,
+    Segmenter,
     TextEmbedder,
 )
 from grand_pipeline.schemas import LEVEL1_FIELDS, LEVEL2_FIELDS, level_schema
@@ -45,6 +47,7 @@ from levels.level2 import (
     GroundingStage,
     LabelStage,
     LandmarkStage,
+    ObjectMaskStage,
     PhraseStage,
     to_row,
 )
@@ -136,6 +139,25 @@ class FakeGrounder(Grounder):
         ]
 
 
+class FakeSegmenter(Segmenter):
+    """Masks = the box interiors (or nothing, with ``empty``); remembers every call's boxes."""
+
+    role, backend = "segmenter", "fake_segmenter"
+
+    def __init__(self, empty: bool = False) -> None:
+        super().__init__(ModelSpec("fake_segmenter"))
+        self.empty = empty
+        self.calls: list[np.ndarray] = []
+
+    def segment(self, image, boxes):
+        self.calls.append(np.asarray(boxes))
+        masks = np.zeros((len(boxes), *image.shape[:2]), bool)
+        if not self.empty:
+            for k, (x1, y1, x2, y2) in enumerate(np.asarray(boxes, int)):
+                masks[k, y1:y2, x1:x2] = True
+        return masks
+
+
 class FakeAssigner(LabelAssigner):
     """Picks the candidate that occurs in the context, else the last one; or a scripted label."""
 
@@ -205,7 +227,9 @@ def obj(
 
 
 def record(image_id: str = "sa_1", **fields: Any) -> ImageRecord:
-    base: dict[str, Any] = {"tags": [], "objects": [], "floating_objects": [], "prompt_versions": []}
+    base: dict[str, Any] = {
+        "tags": [], "objects": [], "floating_objects": [], "prompt_versions": [], "depth_lowres": None,
+    }  # fmt: skip
     base.update(fields)
     return ImageRecord(image_id=image_id, shard_id="sa_000000", width=W, height=H, image=IMAGE, fields=base)
 
@@ -227,6 +251,7 @@ def common_columns(rec: ImageRecord) -> dict[str, Any]:
         "provenance": {"config_hash": "test", "backends": rec.backends,
                        "prompt_versions": rec.fields.get("prompt_versions", [])},
         "tags": rec.fields.get("tags", []), "floating_attributes": [], "depth_source": None,
+        "depth_lowres": rec.fields.get("depth_lowres"),
     }  # fmt: skip
 
 
@@ -471,6 +496,115 @@ def test_grounding_boxes_are_clipped_and_empty_ones_ignored():
     assert sun_id == sun["id"] == 0 and sun["bbox"] == [500.0, 0.0, 600.0, 80.0]  # W = 600
 
 
+# ----------------------------------------------------------------------------- masks for new objects
+
+
+def sa1b_mask(box: list[int]) -> dict[str, Any]:
+    mask = np.zeros((H, W), bool)
+    x1, y1, x2, y2 = box
+    mask[y1:y2, x1:x2] = True
+    return rle.encode(mask)[0]
+
+
+def lowres(values: list[list[float]]) -> dict[str, Any]:
+    grid = np.asarray(values, np.float32)
+    return {"height": grid.shape[0], "width": grid.shape[1], "values": grid.reshape(-1).tolist()}
+
+
+def masks_record(**fields: Any) -> ImageRecord:
+    """A 400x600 image whose low-res depth is 2x3 cells of 200x200 px: 1 2 3 / 4 5 6."""
+    kept = obj(0, [200, 0, 400, 200], ["cup"])
+    kept.update(segmentation=sa1b_mask([210, 10, 390, 190]), segmentation_source="sa1b", depth=0.25)
+    base: dict[str, Any] = {
+        "objects": [kept, obj(1, [0, 0, 200, 200], ["man", "person"], models=("grounder:g",))],
+        "floating_objects": [obj(2, [400, 200, 600, 400], ["dog"], models=("grounder:g",))],
+        "depth_lowres": lowres([[1, 2, 3], [4, 5, 6]]),
+    }
+    base.update(fields)
+    return record(**base)
+
+
+def test_object_masks_segment_only_objects_without_one_in_one_call():
+    from pycocotools import mask as mask_utils
+
+    rec = masks_record()
+    before = [dict(o) for o in rec.fields["objects"] + rec.fields["floating_objects"]]
+    segmenter = FakeSegmenter()
+    ObjectMaskStage(make_cfg(), FakeHub(segmenter=segmenter))([rec])
+    assert rec.ok, rec.error
+    (boxes,) = segmenter.calls  # one call for the image, the masked cup left out
+    np.testing.assert_array_equal(boxes, [[0, 0, 200, 200], [400, 200, 600, 400]])
+    kept, man = rec.fields["objects"]
+    (dog,) = rec.fields["floating_objects"]
+    assert kept == before[0]  # an existing mask and depth are not touched
+    for new, box, depth in ((man, [0, 0, 200, 200], 1.0), (dog, [400, 200, 600, 400], 6.0)):
+        assert new["segmentation_source"] == "segmenter:fake_segmenter"
+        coco = {**new["segmentation"], "counts": new["segmentation"]["counts"].encode()}
+        assert mask_utils.decode(coco).shape == (H, W) and mask_utils.area(coco) == 200 * 200
+        assert mask_utils.toBbox(coco).tolist() == [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+        assert new["depth"] == depth  # the median of the low-res cells under the mask
+    # The record's old dicts were not changed: the stage works on copies.
+    assert before[1]["segmentation"] is None and before[2]["depth"] is None
+    assert rec.backends[-1]["stage"] == "object_masks" and rec.backends[-1]["role"] == "segmenter"
+
+
+def test_object_masks_weigh_cells_by_mask_pixels_and_fall_back_to_the_box():
+    # The man's box spans cells 1 and 2 of the top row (x 100..500, half of each outer cell).
+    rec = masks_record(objects=[obj(1, [100, 0, 500, 200], ["man"])], floating_objects=[])
+    ObjectMaskStage(make_cfg(), FakeHub(segmenter=FakeSegmenter()))([rec])
+    # Pixels: 100 x 200 on 1, 200 x 200 on 2, 100 x 200 on 3 -> median 2.
+    assert rec.fields["objects"][0]["depth"] == 2.0
+    # An empty mask is still stored (the segmenter's answer) and the depth comes from the box.
+    empty = masks_record(objects=[], floating_objects=[obj(0, [400, 0, 600, 400], ["tree"])])
+    ObjectMaskStage(make_cfg(), FakeHub(segmenter=FakeSegmenter(empty=True)))([empty])
+    (tree,) = empty.fields["floating_objects"]
+    assert rle.decode_one(tree["segmentation"]).shape == (H, W) and not rle.decode_one(tree["segmentation"]).any()
+    assert tree["depth"] == 3.0  # box cells 3 and 6, equal areas -> lower median
+
+
+def test_object_masks_without_a_depth_map_or_work():
+    rec = masks_record(depth_lowres=None)
+    ObjectMaskStage(make_cfg(), FakeHub(segmenter=FakeSegmenter()))([rec])
+    assert rec.ok and rec.fields["objects"][1]["segmentation"] is not None
+    assert rec.fields["objects"][1]["depth"] is None
+    done = record(objects=[masks_record().fields["objects"][0]])
+    idle = FakeSegmenter()
+    ObjectMaskStage(make_cfg(), FakeHub(segmenter=idle))([done])
+    assert done.ok and idle.calls == []
+
+
+@pytest.mark.parametrize(
+    ("output", "lowres_map", "message"),
+    [
+        (np.zeros((1, 4, 4), bool), None, "shape"),
+        (None, {"height": 2, "width": 3, "values": [1.0, 2.0]}, "holds 2 values"),
+    ],
+)
+def test_object_masks_bad_inputs_become_error_rows(output, lowres_map, message):
+    class Broken(FakeSegmenter):
+        def segment(self, image, boxes):
+            return super().segment(image, boxes) if output is None else output
+
+    rec = masks_record(depth_lowres=lowres_map)
+    ObjectMaskStage(make_cfg(), FakeHub(segmenter=Broken()))([rec])
+    assert not rec.ok and rec.error_stage == "object_masks" and message in rec.error
+    assert rec.fields["objects"][1]["segmentation"] is None  # untouched: lists are swapped on success
+
+
+@pytest.mark.parametrize("profile", ["lite", "tiny-lite", "full", "tiny"])
+def test_every_profile_configures_the_models_of_every_level2_stage(profile):
+    from grand_pipeline.models.hub import ModelHub
+
+    cfg = load_config(profile)
+    hub = ModelHub(cfg.models, cfg.plugins)  # resolves keys only; nothing is loaded
+    keys = {key for stage in STAGES for key in stage.models}
+    assert "segmenter" in keys
+    for key in keys:
+        role, spec = hub.spec(key)
+        assert spec.backend, (profile, key)
+    assert hub.spec("segmenter")[1].backend == {"lite": "litemedsam", "tiny-lite": "litemedsam"}.get(profile, "sam")
+
+
 # ----------------------------------------------------------------------------- labels and landmark
 
 
@@ -593,6 +727,7 @@ def test_level2_rows_validate_against_the_level_schema():
         grounder=FakeGrounder(
             {"man": [10, 10, 110, 210], "cup": [200, 200, 300, 300], "dog": [0, 0, 50, 50]}
         ),
+        segmenter=FakeSegmenter(),
         label_assigner=FakeAssigner(),
         landmark_classifier=FakeLandmark(("Indoor scene", "Living space", 0.9)),
     )
@@ -617,10 +752,12 @@ def test_level2_rows_validate_against_the_level_schema():
         {"phrase": "man", "object_ids": [1]}, {"phrase": "cup", "object_ids": [0]},
     ]  # fmt: skip
     assert first["landmark"]["fine_category"] == "Living space"
-    # sa_2 had no objects: "dog" became a floating object made by the grounder.
+    # sa_2 had no objects: "dog" became a floating object made by the grounder, then got a mask.
     assert [(o["id"], o["label"], o["models"]) for o in second["floating_objects"]] == [
         (0, "dog", ["grounder:fake_grounder"])
     ]
+    dog = second["floating_objects"][0]
+    assert dog["segmentation"]["size"] == [H, W] and dog["segmentation_source"] == "segmenter:fake_segmenter"
     assert {u["stage"] for u in first["provenance"]["backends"]} == {s.name for s in STAGES}
     assert third["short_captions"] == [] and third["relationships"] is None and third["landmark"] is None
 

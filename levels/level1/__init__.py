@@ -60,6 +60,7 @@ def to_row(record: ImageRecord) -> dict[str, Any]:
             "floating_objects": [],
             "floating_attributes": [],
             "depth_source": None,
+            "depth_lowres": None,
         }
     fields = record.fields
     return {
@@ -75,6 +76,7 @@ def to_row(record: ImageRecord) -> dict[str, Any]:
             for a in fields.get("floating_attributes", [])
         ],
         "depth_source": fields.get("depth_source"),
+        "depth_lowres": fields.get("depth_lowres"),
     }
 
 

@@ -2,27 +2,42 @@
 
 The value is the median of the map inside the object's mask (the reference used the box, which
 mixes in background pixels for thin or hollow objects); an object without a mask falls back to its
-box. The map itself is not stored: level 3 only needs per-object values, ordered within an image.
+box. The full map is not stored, only ``depth_lowres``: an area-averaged copy whose longest side
+is ``LOWRES_SIDE`` cells, from which level 2 gives a depth to the objects it creates. Level 3 only
+needs per-object values, ordered within an image.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 
-from grand_pipeline.geometry.depth import median_in_masks
+from grand_pipeline.geometry.depth import area_mean, grid_size, median_in_masks
 from grand_pipeline.models.roles import DepthEstimator
+from grand_pipeline.schemas import DEPTH_GRID
 from grand_pipeline.stage import ImageRecord, Stage
 from levels.level1.common import all_objects, backend_source, image_size, iter_mask_chunks, round_score
 
 logger = logging.getLogger(__name__)
 
+#: Longest side of ``depth_lowres`` in cells: 64 x 48 float32 is 12 KB per 4:3 image, and a cell
+#: of a 1500 x 2250 SA-1B image is ~35 px, finer than the objects that need it.
+LOWRES_SIDE = 64
+
+
+def lowres_map(depth_map: np.ndarray) -> dict[str, Any]:
+    """The ``depth_lowres`` struct of a full-resolution (H, W) map."""
+    height, width = grid_size(depth_map.shape[0], depth_map.shape[1], longest=LOWRES_SIDE)
+    cells = area_mean(depth_map, (height, width)).astype(np.float32)
+    # NaN cells (no finite pixel) are kept as NaN: level 2 gives them no weight.
+    return {"height": height, "width": width, "values": cells.reshape(-1).tolist()}
+
 
 class DepthStage(Stage):
-    """Fills ``depth`` of every object dict; provides ``depth_source``."""
+    """Fills ``depth`` of every object dict; provides ``depth_source`` and ``depth_lowres``."""
 
     name: ClassVar[str] = "depth"
     requires: ClassVar[dict[str, str]] = {
@@ -30,7 +45,10 @@ class DepthStage(Stage):
         "floating_objects": "floating objects (with masks)",
         "image": "decoded RGB image",
     }
-    provides: ClassVar[dict[str, pa.DataType | None]] = {"depth_source": pa.string()}
+    provides: ClassVar[dict[str, pa.DataType | None]] = {
+        "depth_source": pa.string(),
+        "depth_lowres": DEPTH_GRID,
+    }
     models: ClassVar[tuple[str, ...]] = ("depth",)
     fills: ClassVar[tuple[str, ...]] = ("depth",)
 
@@ -53,3 +71,4 @@ class DepthStage(Stage):
                 ):
                     obj["depth"] = round_score(value)  # NaN (empty mask) becomes None
             record.fields["depth_source"] = source
+            record.fields["depth_lowres"] = lowres_map(depth_map)

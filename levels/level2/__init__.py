@@ -1,9 +1,9 @@
-"""Level 2: short captions, phrases, phrase grounding, label assignment and landmark.
+"""Level 2: short captions, phrases, phrase grounding, masks for new objects, labels and landmark.
 
 Stages run in the order of ``STAGES``. ``to_row`` returns the level-2 columns of
 ``schemas.LEVEL2_FIELDS`` plus ``objects`` and ``floating_objects``, which level 2 rewrites
-(assigned labels, objects added by grounding, promotions, renumbered ids); the other level-1
-columns travel on unchanged (the engine carries them).
+(assigned labels, objects added by grounding and their masks, promotions, renumbered ids); the
+other level-1 columns travel on unchanged (the engine carries them).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from levels.level2.captions import CaptionStage
 from levels.level2.grounding import GroundingStage
 from levels.level2.labels import LabelStage
 from levels.level2.landmark import LandmarkStage
+from levels.level2.masks import ObjectMaskStage
 from levels.level2.phrases import PhraseStage
 
 __all__ = [
@@ -26,11 +27,12 @@ __all__ = [
     "GroundingStage",
     "LabelStage",
     "LandmarkStage",
+    "ObjectMaskStage",
     "PhraseStage",
     "to_row",
 ]
 
-STAGES = (CaptionStage, PhraseStage, GroundingStage, LabelStage, LandmarkStage)
+STAGES = (CaptionStage, PhraseStage, GroundingStage, ObjectMaskStage, LabelStage, LandmarkStage)
 
 
 def objects_columns(record: ImageRecord) -> dict[str, Any]:

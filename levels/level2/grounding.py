@@ -10,9 +10,10 @@ Per image (after ``utils/prepare_level_2.py`` of the reference, without its stal
    to its ``models``: a vote from the caption that the guess was right.
 3. A box that matches nothing becomes a new floating object labelled with the root noun, made
    by ``grounder:<backend>``. Later phrases can match it (two phrases for one new box vote).
-   It has no mask (``segmentation`` and ``segmentation_source`` None; no segmenter runs in
-   level 2) and no depth (the depth map is not kept past level 1); its first attribute is the
-   phrase when the phrase says more than the root noun.
+   Its first attribute is the phrase when the phrase says more than the root noun. It leaves
+   this stage without a mask or a depth (``segmentation``, ``segmentation_source`` and
+   ``depth`` None); the next stage, ``ObjectMaskStage`` (``masks.py``), segments its box and
+   reads its depth from the level-1 ``depth_lowres`` map.
 4. Floating objects with at least ``level2.promote_min_labels`` distinct labels, or
    ``level2.promote_min_models`` distinct models, become objects.
 5. Ids are renumbered, objects first, then floating objects, and every id in
