@@ -31,8 +31,11 @@ demo: install  ## sample shard from real photos -> Levels 1-4 on local Ray (lite
 	$(BIN)/grand show --output $(DEMO)/out --image sa_2 --to $(DEMO)/sa_2_coffee.png
 	$(BIN)/grand show --output $(DEMO)/out --image sa_2 --to $(DEMO)/sa_2_coffee.html
 	$(BIN)/grand export --output $(DEMO)/out --format grand-json --to $(DEMO)/grand_json
+	$(BIN)/grand export --output $(DEMO)/out --format glamm --to $(DEMO)/glamm
+	$(BIN)/grand export --output $(DEMO)/out --format gcg-oracle --to $(DEMO)/gcg_oracle
+	$(BIN)/grand glamm eval-gcg --pred $(DEMO)/gcg_oracle/predictions --gt $(DEMO)/out
 	@echo "look at $(DEMO)/sa_1_astronaut.png, $(DEMO)/sa_2_coffee.png and $(DEMO)/sa_2_coffee.html;"
-	@echo "one GranD JSON per image is in $(DEMO)/grand_json/"
+	@echo "one GranD JSON per image is in $(DEMO)/grand_json/; GLaMM samples per task in $(DEMO)/glamm/"
 	@echo "progress page: $(BIN)/grand dashboard --output $(DEMO)/out, then open http://127.0.0.1:8765/"
 
 test: install  ## the whole suite (unit, contract, end-to-end with real lite models)
@@ -41,8 +44,10 @@ test: install  ## the whole suite (unit, contract, end-to-end with real lite mod
 test-fast: install  ## everything but the slow end-to-end tests
 	$(BIN)/pytest -q -m "not slow"
 
-bench: install  ## side-by-side throughput ratios
+bench: install  ## side-by-side throughput ratios (the training-data part runs on the demo output)
 	$(BIN)/python -m benchmarks.run
+	@test -f $(DEMO)/out/_run/run.json || $(MAKE) demo
+	$(BIN)/python -m benchmarks.training_data --output $(DEMO)/out
 
 bench-gpu: install  ## GPU-seconds per image per stage, full-profile models at full size, random weights (CUDA)
 	$(BIN)/python -m benchmarks.gpu_profile

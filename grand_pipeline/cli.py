@@ -11,41 +11,16 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
-from functools import wraps
 from typing import Annotated, Any
 
 import typer
+
+from grand_pipeline.cli_common import friendly
 
 #: Shard rows `grand status` prints before it lists only the unfinished ones.
 _MATRIX_ROWS = 50
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build GranD annotations.")
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from grand_pipeline.config import ConfigError
-    from grand_pipeline.engine.driver import NothingToRun
-    from grand_pipeline.models.weights import ModelSourceError
-    from grand_pipeline.registry import UnknownNameError
-    from grand_pipeline.sources.base import SourceError
-    from grand_pipeline.store import StoreError
-
-    return (ConfigError, NothingToRun, ModelSourceError, UnknownNameError, SourceError, StoreError)
-
-
-def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user-caused errors into one line on stderr and exit code 2."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except _user_errors() as exc:
-            typer.echo(f"grand: error: {exc}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from grand_pipeline.cli_common import friendly
 
 app = typer.Typer(
     add_completion=False,
@@ -25,29 +25,6 @@ app = typer.Typer(
 @app.callback()
 def _group() -> None:
     """GLaMM companion: training data from GranD output, and GCG evaluation."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from grand_pipeline.config import ConfigError
-    from grand_pipeline.models.weights import ModelSourceError
-    from grand_pipeline.store import StoreError
-    from grand_pipeline.training.eval.io import EvalInputError
-
-    return (EvalInputError, ConfigError, ModelSourceError, StoreError)
-
-
-def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """One line on stderr and exit 2 for user-caused errors, also when run outside ``grand``."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except _user_errors() as exc:
-            typer.echo(f"grand glamm: error: {exc}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def _fmt(value: Any) -> str:

@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from grand_pipeline.config import ConfigError
 from grand_pipeline.geometry import rle
 from grand_pipeline.schemas import STATUS_OK
 from grand_pipeline.training.data.samples import (
@@ -50,7 +51,7 @@ from grand_pipeline.training.data.samples import (
 METHODS = ("exact", "embedding", "noun")
 
 
-class ConvertConfigError(ValueError):
+class ConvertConfigError(ConfigError):
     """A converter option that cannot work; the message names the option."""
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from grand_pipeline.config import ConfigError
 from grand_pipeline.geometry import rle
 from grand_pipeline.schemas import STATUS_OK
 from grand_pipeline.store import Store
@@ -56,7 +57,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TASK_WEIGHTS = {"gcg": 0.30, "refseg": 0.15, "region": 0.40, "caption": 0.15}
 
 
-class DataConfigError(ValueError):
+class DataConfigError(ConfigError):
     """A data option that cannot work; the message names the field."""
 
 

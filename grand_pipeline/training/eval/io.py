@@ -18,6 +18,7 @@ from typing import Any
 from pycocotools import mask as mask_utils
 
 from grand_pipeline.geometry import rle as rle_ops
+from grand_pipeline.sources.base import SourceError
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ MAX_LISTED = 50
 PRED_KEYS = ("image_id", "caption", "phrases", "pred_masks")
 
 
-class EvalInputError(ValueError):
+class EvalInputError(SourceError, ValueError):
     """An evaluation input a user can fix (missing folder, no readable file, broken GT)."""
 
 
