@@ -22,7 +22,13 @@ from grand_pipeline.training.data.collate import IGNORE_LABEL, Collator
 from grand_pipeline.training.data.convert import ConvertOptions
 from grand_pipeline.training.data.dataset import DataConfig, DataConfigError, GrandGlammDataset
 from grand_pipeline.training.data.tokens import IGNORE_INDEX, IMAGE_TOKEN_INDEX, SPECIAL_TOKENS, SpecialIds
-from grand_pipeline.training.data.transforms import CLIP_MEAN, CLIP_STD, clip_frame, clip_image, sam_image
+from grand_pipeline.training.data.transforms import (
+    clip_frame,
+    clip_image,
+    normalise_clip,
+    normalise_sam,
+    sam_image,
+)
 from tests.test_export import H, W, commit, make_row
 
 CLIP, SAM, N_IMG = 32, 64, 4
@@ -148,8 +154,13 @@ def test_gcg_batch_contract_and_masks(run_output, tok) -> None:
     assert set(batch) == BATCH_KEYS
     assert (
         batch["global_enc_images"].shape == (2, 3, CLIP, CLIP)
-        and batch["global_enc_images"].dtype == torch.float32
+        and batch["global_enc_images"].dtype == torch.uint8
     )
+    # Normalised on the device: the CLIP input becomes float, the SAM padding stays exactly 0.
+    assert normalise_clip(batch["global_enc_images"]).dtype == torch.float32
+    sam_in = normalise_sam(batch["grounding_enc_images"], batch["resize_list"])
+    assert sam_in.dtype == torch.float32 and sam_in[:, :, 43:].abs().sum() == 0
+    assert sam_in[:, :, :43].abs().sum() > 0
     assert batch["grounding_enc_images"].shape == (2, 3, SAM, SAM)
     assert batch["resize_list"] == [(43, 64), (43, 64)]  # 400 x 600 with the long side at 64
     assert batch["grounding_enc_images"][:, :, 43:].abs().sum() == 0  # padded bottom-right with zeros
@@ -163,7 +174,7 @@ def test_gcg_batch_contract_and_masks(run_output, tok) -> None:
     seg = SpecialIds.of(tok).seg
     for b in range(2):
         masks = batch["masks_list"][b]
-        assert masks.shape == (2, H, W) and masks.dtype == torch.float32
+        assert masks.shape == (2, H, W) and masks.dtype == torch.uint8
         assert np.array_equal(masks.numpy(), want)
         assert batch["sampled_classes_list"][b] == ["white cup", "a wooden table"]
         assert batch["label_list"][b].shape == (H, W) and (batch["label_list"][b] == IGNORE_LABEL).all()
@@ -199,7 +210,8 @@ def test_whole_image_box_and_an_object_land_where_they_should() -> None:
     image[10:30, 44:60] = 255
     for mode in ("pad", "center_crop"):
         tensor, frame = clip_image(image, CLIP, mode)
-        pixels = tensor * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)
+        assert tensor.dtype == torch.uint8
+        pixels = tensor.float() / 255
         x1, y1, x2, y2 = (frame.boxes(np.array([[44, 10, 60, 30]]))[0] * CLIP).round().astype(int)
         inside = pixels[:, y1 + 1 : y2 - 1, x1 + 1 : x2 - 1]
         assert inside.min() > 0.9, mode

@@ -58,19 +58,25 @@ VARIANTS: dict[str, SamVariant] = {
 }
 
 
-def build_sam(variant: str) -> torch.nn.Module:
-    """An untrained ``Sam`` of ``variant`` (``segment_anything._build_sam`` without its torch.load)."""
+def build_sam(variant: str, img_size: int = IMAGE_SIZE) -> torch.nn.Module:
+    """An untrained ``Sam`` of ``variant`` (``segment_anything._build_sam`` without its torch.load).
+
+    ``img_size`` (a multiple of the 16-px patch) is the square input side; the published
+    checkpoints and this backend use 1024, GLaMM's tiny training model a small one such as 128.
+    """
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     if variant not in VARIANTS:
         raise ValueError(f"sam: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    if img_size <= 0 or img_size % PATCH:
+        raise ValueError(f"sam: img_size {img_size} is not a positive multiple of the {PATCH}-px patch")
     v = VARIANTS[variant]
-    grid = IMAGE_SIZE // PATCH
+    grid = img_size // PATCH
     return Sam(
         image_encoder=ImageEncoderViT(
             depth=v.depth,
             embed_dim=v.encoder_dim,
-            img_size=IMAGE_SIZE,
+            img_size=img_size,
             mlp_ratio=4,
             norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
             num_heads=v.heads,
@@ -84,7 +90,7 @@ def build_sam(variant: str) -> torch.nn.Module:
         prompt_encoder=PromptEncoder(
             embed_dim=v.prompt_dim,
             image_embedding_size=(grid, grid),
-            input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+            input_image_size=(img_size, img_size),
             mask_in_chans=16,
         ),
         mask_decoder=MaskDecoder(

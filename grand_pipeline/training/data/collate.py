@@ -3,13 +3,14 @@
 Keys (B items, L the longest ``input_ids``)::
 
     image_paths           list[str]                      "<shard_id>/<file_name>"
-    global_enc_images     [B, 3, C, C] float32            CLIP inputs
-    grounding_enc_images  [B, 3, S, S] float32 | None     SAM inputs; zeros for an item without masks
+    global_enc_images     [B, 3, C, C] uint8              CLIP inputs (``transforms.normalise_clip`` on device)
+    grounding_enc_images  [B, 3, S, S] uint8 | None       SAM inputs, zeros for an item without masks
+                                                          (``transforms.normalise_sam`` on device)
     bboxes                list[Tensor[n_i, 4]] | None     normalised xyxy in the CLIP frame (n_i may be 0)
     input_ids             [B, L] int64                    right-padded with the pad id
     labels                [B, L] int64                    IGNORE_INDEX on padding
     attention_masks       [B, L] bool                     from the lengths (a pad id may also be a word)
-    masks_list            list[Tensor[k_i, H_i, W_i]]     float32 {0, 1}, in [SEG] order
+    masks_list            list[Tensor[k_i, H_i, W_i]]     uint8 {0, 1}, in [SEG] order (float on device)
     label_list            list[Tensor[H_i, W_i]]          int64 filled with 255 (only its shape is used)
     resize_list           list[tuple[int, int]]           (h, w) inside the SAM input
     offset                [B + 1] int64                   conversations per image (one each here)
@@ -57,6 +58,12 @@ def _check(item: TrainItem, ids: SpecialIds) -> None:
         raise ValueError(f"{item.image_path} ({item.task}): {n_bbox} <bbox> token(s) but {n_boxes} box(es)")
 
 
+def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[3, H, W] uint8 images -> [B, 3, H, W] in channels-last memory: the transforms hand out
+    channels-last views, so each image is one contiguous copy here instead of a transposition."""
+    return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+
+
 def _pad(rows: Sequence[torch.Tensor], value: int) -> torch.Tensor:
     """Right-pad 1-D int64 tensors to [B, max length] with ``value``."""
     out = torch.full((len(rows), max(int(r.numel()) for r in rows)), value, dtype=torch.long)
@@ -85,7 +92,7 @@ class Collator:
         grounded = [item.grounding_image is not None for item in items]
         return {
             "image_paths": [item.image_path for item in items],
-            "global_enc_images": torch.stack([item.global_image for item in items]),
+            "global_enc_images": stack_images([item.global_image for item in items]),
             "grounding_enc_images": self._grounding(items) if any(grounded) else None,
             "bboxes": self._boxes(items),
             "input_ids": input_ids,
@@ -110,7 +117,7 @@ class Collator:
     def _grounding(items: Sequence[TrainItem]) -> torch.Tensor:
         """[B, 3, S, S]: each item's SAM input, zeros where it has none."""
         template = next(item.grounding_image for item in items if item.grounding_image is not None)
-        return torch.stack(
+        return stack_images(
             [
                 item.grounding_image if item.grounding_image is not None else torch.zeros_like(template)
                 for item in items

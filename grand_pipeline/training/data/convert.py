@@ -29,14 +29,15 @@ A caption containing a special-token string (``samples.SPECIAL_STRINGS``) is ref
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from grand_pipeline.config import ConfigError
 from grand_pipeline.geometry import rle
 from grand_pipeline.schemas import STATUS_OK
 from grand_pipeline.training.data.samples import (
+    TASKS,
     CaptionSample,
     GCGSample,
     ImageRef,
@@ -49,6 +50,13 @@ from grand_pipeline.training.data.samples import (
 )
 
 METHODS = ("exact", "embedding", "noun")
+
+#: The columns the converters read. Readers project on them: a level-4 row also carries the scene
+#: graph, every LLM attempt and the low-resolution depth map, which no sample needs.
+ROW_COLUMNS = [
+    "image_id", "shard_id", "file_name", "width", "height", "status",
+    "objects", "floating_objects", "short_captions", "short_captions_grounded", "dense_caption",
+]  # fmt: skip
 
 
 class ConvertConfigError(ConfigError):
@@ -88,38 +96,42 @@ def valid_mask(mask: Any, height: int, width: int) -> bool:
     if not mask:
         return False
     try:
-        rle.area([mask])
+        rle.area([mask])  # parses the counts: sizes that add up, no stray characters
     except (ValueError, TypeError):
         return False
     return [int(v) for v in mask["size"]] == [height, width]
 
 
-class RowMasks(NamedTuple):
-    masks: dict[int, Any]  # id -> RLE of every object whose mask is valid at the image's size
-    floating: set[int]  # ids of floating objects
-    broken: set[int]  # ids whose mask is missing, undecodable or of another size
+def or_mask(masks: list[Any]) -> Any:
+    """The OR of already-validated masks; one mask is itself (most phrases name one object)."""
+    return masks[0] if len(masks) == 1 else rle.union(masks)
 
 
-def object_masks(row: dict[str, Any]) -> RowMasks:
-    """The masks of a row's objects and floating objects, checked once per row."""
-    height, width = int(row.get("height") or 0), int(row.get("width") or 0)
-    masks: dict[int, Any] = {}
-    floating: set[int] = set()
-    broken: set[int] = set()
-    for key in ("objects", "floating_objects"):
-        for obj in row.get(key) or []:
-            oid = int(obj["id"])
-            if key == "floating_objects":
-                floating.add(oid)
-            if valid_mask(obj.get("segmentation"), height, width):
-                masks[oid] = obj["segmentation"]
-            else:
-                broken.add(oid)
-    return RowMasks(masks, floating, broken)
+class RowMasks:
+    """A row's object masks, each checked (decodable, of the image's size) on first use only: a
+    loader that trains one task of an image never parses the masks that task does not touch."""
+
+    def __init__(self, row: dict[str, Any]):
+        self.height, self.width = int(row.get("height") or 0), int(row.get("width") or 0)
+        self.raw: dict[int, Any] = {}
+        self.floating: set[int] = set()
+        for key in ("objects", "floating_objects"):
+            for obj in row.get(key) or []:
+                self.raw[int(obj["id"])] = obj.get("segmentation")
+                if key == "floating_objects":
+                    self.floating.add(int(obj["id"]))
+        self._valid: dict[int, bool] = {}
+
+    def valid(self, oid: int) -> bool:
+        if oid not in self._valid:
+            self._valid[oid] = valid_mask(self.raw.get(oid), self.height, self.width)
+        return self._valid[oid]
+
+    def __getitem__(self, oid: int) -> Any:
+        return self.raw[oid]
 
 
 def _usable(detail: dict[str, Any], caption: str, row_masks: RowMasks, opts: ConvertOptions, counts: Counter) -> bool:
-    masks, floating, broken = row_masks
     start, end = (list(detail.get("tokens_positive") or []) + [None, None])[:2]
     ids = [int(i) for i in detail.get("ids") or []]
     if detail.get("method") not in opts.methods:
@@ -128,18 +140,18 @@ def _usable(detail: dict[str, Any], caption: str, row_masks: RowMasks, opts: Con
         counts["phrase:bad_offsets"] += 1
     elif not ids:
         counts["phrase:no_ids"] += 1
-    elif not opts.floating and any(i in floating for i in ids):
-        counts["phrase:floating"] += 1
-    elif any(i in broken for i in ids):
-        counts["phrase:bad_mask"] += 1
-    elif any(i not in masks for i in ids):
+    elif any(i not in row_masks.raw for i in ids):
         counts["phrase:unknown_id"] += 1
+    elif not opts.floating and any(i in row_masks.floating for i in ids):
+        counts["phrase:floating"] += 1
+    elif not all(row_masks.valid(i) for i in ids):
+        counts["phrase:bad_mask"] += 1
     else:
         return True
     return False
 
 
-def disjoint_phrases(details: list[dict[str, Any]], masks: dict[int, Any], counts: Counter) -> list[Phrase]:
+def disjoint_phrases(details: list[dict[str, Any]], masks: RowMasks, counts: Counter) -> list[Phrase]:
     """The module docstring's span rule over already-filtered ``details``; phrases in start order."""
     def key(d: dict[str, Any]) -> tuple:
         start, end = d["tokens_positive"][:2]
@@ -158,7 +170,7 @@ def disjoint_phrases(details: list[dict[str, Any]], masks: dict[int, Any], count
         else:
             kept.append((start, end, str(d["phrase"]), ids, str(d.get("method"))))
     return [
-        Phrase(text=text, start=s, end=e, ids=tuple(ids), mask=rle.union([masks[v] for v in ids]), method=m)
+        Phrase(text=text, start=s, end=e, ids=tuple(ids), mask=or_mask([masks[v] for v in ids]), method=m)
         for s, e, text, ids, m in kept
     ]
 
@@ -181,7 +193,7 @@ def gcg_sample(
         counts["gcg:special_token"] += 1
         return None
     usable = [d for d in details or [] if _usable(d, caption, row_masks, opts, counts)]
-    phrases = disjoint_phrases(usable, row_masks.masks, counts)
+    phrases = disjoint_phrases(usable, row_masks, counts)
     if not phrases:
         counts["gcg:no_phrases"] += 1
         return None
@@ -206,31 +218,43 @@ def _box(obj: dict[str, Any]) -> tuple[float, float, float, float]:
     return (x1, y1, x2, y2)
 
 
-def object_samples(
-    row: dict[str, Any], image: ImageRef, row_masks: RowMasks, opts: ConvertOptions, counts: Counter
-) -> tuple[list[RefSegSample], list[RegionCapSample]]:
-    """Referring-segmentation samples (objects with a valid mask) and region-captioning samples."""
-    refseg: list[RefSegSample] = []
-    regions: list[Region] = []
-    masks = row_masks.masks
+def _expressed(row: dict[str, Any], unit: str, counts: Counter) -> list[tuple[dict[str, Any], str]]:
+    """(object, expression) in id order, skipping (and counting under ``unit``) unusable ones."""
+    out = []
     for obj in sorted(row.get("objects") or [], key=lambda o: int(o["id"])):
         text = expression(obj)
         if not text:
-            counts["refseg:no_expression"] += 1
-            continue
-        if has_special(text):
-            counts["refseg:special_token"] += 1
-            continue
+            counts[f"{unit}:no_expression"] += 1
+        elif has_special(text):
+            counts[f"{unit}:special_token"] += 1
+        else:
+            out.append((obj, text))
+    return out
+
+
+def refseg_samples(
+    row: dict[str, Any], image: ImageRef, row_masks: RowMasks, counts: Counter
+) -> list[RefSegSample]:
+    """One referring-segmentation sample per object with an expression and a valid mask."""
+    out = []
+    for obj, text in _expressed(row, "refseg", counts):
         oid = int(obj["id"])
-        regions.append(Region(object_id=oid, bbox=_box(obj), expression=text))
-        if oid not in masks:
+        if not row_masks.valid(oid):
             counts["refseg:bad_mask"] += 1
             continue
-        refseg.append(RefSegSample(image=image, object_id=oid, expression=text, bbox=_box(obj), mask=masks[oid]))
+        out.append(RefSegSample(image=image, object_id=oid, expression=text, bbox=_box(obj), mask=row_masks[oid]))
+    counts["refseg:ok"] += len(out)
+    return out
+
+
+def region_samples(
+    row: dict[str, Any], image: ImageRef, opts: ConvertOptions, counts: Counter
+) -> list[RegionCapSample]:
+    """Objects with an expression, ``max_regions`` boxes per sample (no mask is needed)."""
+    regions = [Region(int(obj["id"]), _box(obj), text) for obj, text in _expressed(row, "region", counts)]
     chunks = [tuple(regions[i : i + opts.max_regions]) for i in range(0, len(regions), opts.max_regions)]
-    counts["refseg:ok"] += len(refseg)
     counts["region:ok"] += len(chunks)
-    return refseg, [RegionCapSample(image=image, regions=chunk) for chunk in chunks]
+    return [RegionCapSample(image=image, regions=chunk) for chunk in chunks]
 
 
 def caption_samples(row: dict[str, Any], image: ImageRef, opts: ConvertOptions, counts: Counter) -> list[CaptionSample]:
@@ -254,15 +278,16 @@ def caption_samples(row: dict[str, Any], image: ImageRef, opts: ConvertOptions, 
     return out
 
 
-def convert_row(row: dict[str, Any], opts: ConvertOptions, counts: Counter) -> RowSamples:
-    """All samples of one committed row; an error row yields nothing and counts ``rows:error``."""
-    if row.get("status") != STATUS_OK:
-        counts["rows:error"] += 1
-        return RowSamples()
-    counts["rows:ok"] += 1
-    image = image_ref(row)
-    row_masks = object_masks(row)
-    out = RowSamples()
+def row_ok(row: dict[str, Any], counts: Counter) -> bool:
+    """Whether a row can give samples; counts ``rows:ok`` or ``rows:error`` (error rows give none)."""
+    ok = row.get("status") == STATUS_OK
+    counts["rows:ok" if ok else "rows:error"] += 1
+    return ok
+
+
+def gcg_samples(row: dict[str, Any], image: ImageRef, row_masks: RowMasks, opts: ConvertOptions, counts: Counter) -> list[GCGSample]:
+    """The dense caption's sample (under the ``verified`` filter), then the grounded short captions'."""
+    out: list[GCGSample] = []
     dense = row.get("dense_caption")
     if dense is None:
         counts["gcg:no_dense_caption"] += 1
@@ -272,13 +297,33 @@ def convert_row(row: dict[str, Any], opts: ConvertOptions, counts: Counter) -> R
         sample = gcg_sample(
             image, dense.get("caption"), dense.get("details"), "dense", dense.get("verified"), row_masks, opts, counts
         )
-        out.gcg += [sample] if sample else []
+        out += [sample] if sample else []
     if opts.short_gcg:
         for i, item in enumerate(row.get("short_captions_grounded") or []):
             sample = gcg_sample(
                 image, item.get("caption"), item.get("details"), f"short:{i}", None, row_masks, opts, counts
             )
-            out.gcg += [sample] if sample else []
-    out.refseg, out.region = object_samples(row, image, row_masks, opts, counts)
-    out.caption = caption_samples(row, image, opts, counts)
+            out += [sample] if sample else []
     return out
+
+
+def convert_tasks(
+    row: dict[str, Any], opts: ConvertOptions, counts: Counter, tasks: Collection[str] = TASKS
+) -> RowSamples:
+    """The samples of ``tasks`` from one ok row (see :func:`row_ok`); masks are checked only as
+    the chosen tasks use them."""
+    image, row_masks, out = image_ref(row), RowMasks(row), RowSamples()
+    if "gcg" in tasks:
+        out.gcg = gcg_samples(row, image, row_masks, opts, counts)
+    if "refseg" in tasks:
+        out.refseg = refseg_samples(row, image, row_masks, counts)
+    if "region" in tasks:
+        out.region = region_samples(row, image, opts, counts)
+    if "caption" in tasks:
+        out.caption = caption_samples(row, image, opts, counts)
+    return out
+
+
+def convert_row(row: dict[str, Any], opts: ConvertOptions, counts: Counter) -> RowSamples:
+    """All samples of one committed row; an error row yields nothing and counts ``rows:error``."""
+    return convert_tasks(row, opts, counts) if row_ok(row, counts) else RowSamples()

@@ -38,8 +38,11 @@ def committed_shards(store: Store, level: int) -> list[str]:
     return sorted(store.committed(level))
 
 
-def iter_shard_rows(store: Store, level: int, shard: str) -> Iterator[dict[str, Any]]:
-    for batch in store.read(level, shard).to_batches():
+def iter_shard_rows(
+    store: Store, level: int, shard: str, columns: list[str] | None = None
+) -> Iterator[dict[str, Any]]:
+    """One shard's rows; ``columns`` reads only those (the converters need ``convert.ROW_COLUMNS``)."""
+    for batch in store.read(level, shard, columns=columns).to_batches():
         yield from batch.to_pylist()
 
 
