@@ -30,8 +30,8 @@ def load(name: str) -> Any:
 def test_every_deploy_file_is_covered_and_parses() -> None:
     files = sorted(p.relative_to(DEPLOY).as_posix() for p in DEPLOY.rglob("*") if p.is_file())
     assert files == [
-        "cluster.yaml", "grafana/grand.json", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml",
-        "pools.yaml", "prometheus.yml", "runtime_env.yaml",
+        "cluster.yaml", "grafana/grand.json", "kuberay/raycluster.yaml", "kuberay/rayjob-glamm-train.yaml",
+        "kuberay/rayjob.yaml", "pools.yaml", "prometheus.yml", "runtime_env.yaml",
     ]
     for name in files:
         data = json.loads((DEPLOY / name).read_text()) if name.endswith(".json") else load(name)
@@ -43,12 +43,15 @@ def parse_grand(command: str) -> Any:
     """Parse a ``grand ...`` command line with the CLI's own parser: unknown options fail."""
     argv = shlex.split(command)
     assert argv[0] == "grand", command
-    group = typer.main.get_command(app)
-    parent = group.make_context("grand", argv[1:])
-    # The group has no options of its own, so the sub-command's name is the first argument.
-    name, sub, rest = group.resolve_command(parent, argv[1:])
-    assert sub is not None, command
-    return sub.make_context(name, rest, parent=parent)
+    cmd = typer.main.get_command(app)
+    ctx, rest = cmd.make_context("grand", argv[1:]), argv[1:]
+    # Groups (`grand`, the mounted `grand glamm`) have no options of their own, so each
+    # sub-command's name is the first argument left.
+    while hasattr(cmd, "resolve_command"):
+        name, cmd, rest = cmd.resolve_command(ctx, rest)
+        assert cmd is not None, command
+        ctx = cmd.make_context(name, rest, parent=ctx)
+    return ctx
 
 
 def test_rayjob_entrypoint_is_a_real_grand_run_with_a_valid_config() -> None:
@@ -76,6 +79,44 @@ def test_unknown_option_in_a_command_fails_the_parser() -> None:
     with pytest.raises(Exception) as err:
         parse_grand("grand runn --input a --output b")
     assert "UsageError" in {c.__name__ for c in type(err.value).__mro__} and "runn" in str(err.value)
+
+
+def test_glamm_train_rayjob_is_a_real_grand_glamm_train_on_its_gpu_workers() -> None:
+    from grand_pipeline.training.config import load_train_config, train_profiles
+    from grand_pipeline.training.train.launch import check_capacity
+
+    job = load("kuberay/rayjob-glamm-train.yaml")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    ctx = parse_grand(job["spec"]["entrypoint"])
+    assert ctx.info_name == "train" and ctx.parent.info_name == "glamm"
+    params = ctx.params
+    assert params["output"].startswith("s3://") and params["config"] in train_profiles()
+    assert params["executor"] == "ray" and params["workers"]
+    cfg = load_train_config(params["config"], params["set_"] or [], steps=params["steps"],
+                            executor=params["executor"], workers=params["workers"])  # typed validation
+    assert cfg.launch.ray_address == "auto" and cfg.launch.use_gpu
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["authOptions"] == {"mode": "token"} and not spec["enableInTreeAutoscaling"]
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    (group,) = spec["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    # What the fixed cluster offers must hold the worker group (the driver's own check passes).
+    cluster = {"CPU": float(limits["cpu"]) * group["replicas"], "GPU": float(limits["nvidia.com/gpu"]) * group["replicas"]}
+    check_capacity(cfg.launch, cluster)
+    check_runtime_env(yaml.safe_load(job["spec"]["runtimeEnvYAML"]))
+    with pytest.raises(Exception) as err:
+        parse_grand(job["spec"]["entrypoint"] + " --epochs 3")
+    assert type(err.value).__name__ == "NoSuchOption"
+
+
+def test_training_metrics_pass_the_prometheus_keep_rule() -> None:
+    from grand_pipeline.training.train.metrics import TRAIN_METRIC_NAMES
+
+    keep = [r for job in load("prometheus.yml")["scrape_configs"]
+            for r in job.get("metric_relabel_configs", []) if r["action"] == "keep"]
+    for name in TRAIN_METRIC_NAMES.values():
+        assert all(re.fullmatch(r["regex"], f"ray_{name}") for r in keep), name
 
 
 # ------------------------------------------------------------------------- runtime env and pools

@@ -1,13 +1,16 @@
 """``grand glamm``: the GLaMM companion's commands (a typer sub-app the main CLI mounts).
 
-Like the main CLI, errors a user can cause print one line and exit with status 2; this module is
-the only one of the companion that prints.
+Commands: ``train`` (resumes by default), ``export-weights``, ``eval-gcg``. Like the main CLI,
+errors a user can cause print one line and exit with status 2; this module is the only one of the
+companion that prints (and draws the progress bar).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,13 +21,13 @@ from grand_pipeline.cli_common import friendly
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="GLaMM companion: training data from GranD output, and GCG evaluation.",
+    help="GLaMM companion: training, weights export and GCG evaluation on GranD output.",
 )
 
 
 @app.callback()
 def _group() -> None:
-    """GLaMM companion: training data from GranD output, and GCG evaluation."""
+    """GLaMM companion: training, weights export and GCG evaluation on GranD output."""
 
 
 def _fmt(value: Any) -> str:
@@ -87,3 +90,85 @@ def eval_gcg(
         typer.echo(json.dumps(report, sort_keys=True))
     else:
         _print_table(report)
+
+
+def _setup_logging(verbose: bool) -> None:
+    os.environ["GRAND_LOG_LEVEL"] = "INFO" if verbose else "WARNING"  # Ray workers inherit it
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+@friendly
+def train(
+    output: Annotated[str, typer.Option("--output", "-o", help="A committed output (level 3+), local or URI; "
+                                        "checkpoints and the log go to OUTPUT/glamm/.")],
+    config: Annotated[str, typer.Option("--config", help="Training profile: tiny or full.")] = "tiny",
+    steps: Annotated[int | None, typer.Option(help="Total optimiser steps (optim.total_steps).")] = None,
+    executor: Annotated[str | None, typer.Option(help="local (in-process) or ray (Ray Train).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Data-parallel workers (launch.workers).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="dotted.key=value override.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train GLaMM on a committed output; rerunning the same command resumes from the last checkpoint."""
+    from tqdm import tqdm
+
+    from grand_pipeline.training.config import load_train_config
+    from grand_pipeline.training.train.launch import open_launcher
+
+    _setup_logging(verbose)
+    cfg = load_train_config(config, set_ or [], steps=steps, executor=executor, workers=workers)
+    total = cfg.optim.total_steps
+    with open_launcher(cfg, output) as launcher:  # every check passed: the run can start
+        start = launcher.preflight.start_step
+        if start:
+            typer.echo(f"resuming from step {start} of {total} ({launcher.preflight.checkpoint})", err=True)
+        with tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr) as bar:
+
+            def on_step(record: dict[str, Any]) -> None:
+                bar.update(record["step"] - bar.n)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.2f}")
+
+            result = launcher.run(on_step)
+    last = result.last
+    if last is None:
+        typer.echo(f"nothing to do: already at step {total}")
+    else:
+        typer.echo(f"step {last['step']}/{total}: loss {last['loss']:.4f}; checkpoint {result.checkpoint}")
+
+
+@app.command("export-weights")
+@friendly
+def export_weights(
+    output: Annotated[str, typer.Option("--output", "-o", help="The output the model was trained on.")],
+    to: Annotated[str, typer.Option("--to", help="Folder for model.safetensors + config.yaml.")],
+    checkpoint: Annotated[str | None, typer.Option(help="A checkpoint folder (default: the newest).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Merged weights (LoRA folded in) of a training checkpoint, as safetensors + config."""
+    from grand_pipeline.training.train.export import export_weights as export
+
+    _setup_logging(verbose)
+    done = export(output, to, checkpoint)
+    typer.echo(f"wrote {done.tensors} tensors of {done.checkpoint} (step {done.step}) to {done.uri}")
+
+
+@app.command()
+@friendly
+def infer(
+    to: Annotated[str, typer.Option("--to", help="Folder for one <image_id>.json prediction per image.")],
+    checkpoint: Annotated[str | None, typer.Option(help="A checkpoint or export-weights folder "
+                                                   "(default: the newest under --output).")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="A committed output: its images "
+                                               "(from their source shards) and its checkpoints.")] = None,
+    images: Annotated[str | None, typer.Option("--images", help="A folder of images instead.")] = None,
+    image: Annotated[list[str] | None, typer.Option("--image", help="Only these image ids (repeatable).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation budget per image.")] = 512,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """GCG generation (KV-cached): caption, phrases and one mask per [SEG], in eval-gcg's format."""
+    from grand_pipeline.training.infer import infer_command
+
+    _setup_logging(verbose)
+    written = infer_command(checkpoint, output, images, list(image or []), to, max_new_tokens)
+    typer.echo(f"wrote {written} prediction file(s) to {to}")

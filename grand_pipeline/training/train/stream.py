@@ -1,0 +1,103 @@
+"""A rank's micro-batches, epoch after epoch, with a cursor that makes resuming exact.
+
+The Dataset is deterministic given (seed, epoch, rank, loader workers), so a rank's item sequence
+is fixed; the :class:`~.checkpoint.Cursor` (epoch, items taken from it) names a point in it. On
+resume the stream replays the epoch and drops the items already consumed, then goes on: the
+batches after a resume equal those of an uninterrupted run. Items are batched here, not by the
+DataLoader, so the cursor counts items exactly whatever the batch size, and a micro-batch may
+straddle two epochs.
+
+The DataLoader gets its own seeded generator: creating its iterator would otherwise draw from the
+global torch RNG at every epoch start, and the resumed run starts its epoch at another moment.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from grand_pipeline.config import ConfigError
+from grand_pipeline.training.data.dataset import GrandGlammDataset, TrainItem
+
+from .checkpoint import Cursor
+
+logger = logging.getLogger(__name__)
+
+
+class NoTrainingItems(ConfigError):
+    """A rank's shards gave no item in a whole epoch: training could never make a step."""
+
+
+def _single(item: Any) -> Any:
+    """The DataLoader's ``collate_fn`` for single items (module level: workers pickle it)."""
+    return item
+
+
+class BatchStream:
+    """Endless micro-batches of ``batch_size`` items from ``dataset``, starting at ``cursor``."""
+
+    def __init__(
+        self,
+        dataset: GrandGlammDataset,
+        collate: Callable[[list[TrainItem]], dict[str, Any]],
+        batch_size: int,
+        *,
+        loader_workers: int = 0,
+        seed: int = 0,
+        cursor: Cursor = Cursor(),
+    ) -> None:
+        self.dataset = dataset
+        self.collate = collate
+        self.batch_size = batch_size
+        self.loader_workers = loader_workers
+        self.seed = seed
+        self.epoch, self.items = cursor.epoch, cursor.items
+        self._items = self._iterate(cursor)
+
+    @property
+    def cursor(self) -> Cursor:
+        """The position after the last item handed out."""
+        return Cursor(self.epoch, self.items)
+
+    def _epoch(self, epoch: int) -> Iterator[TrainItem]:
+        self.dataset.set_epoch(epoch)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            collate_fn=_single,
+            num_workers=self.loader_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        yield from loader
+
+    def _iterate(self, start: Cursor) -> Iterator[TrainItem]:
+        epoch, skip = start.epoch, start.items
+        while True:
+            seen = 0
+            for item in self._epoch(epoch):
+                seen += 1
+                if seen <= skip:
+                    continue
+                self.epoch, self.items = epoch, seen
+                yield item
+            if seen == 0:
+                raise NoTrainingItems(
+                    f"epoch {epoch}: this rank's shards {self.dataset.shards()} gave no training item "
+                    f"(counts {dict(self.dataset.counts)}); check the output or use fewer workers"
+                )
+            if seen < skip:
+                logger.warning("epoch %d has %d items, the checkpoint had consumed %d", epoch, seen, skip)
+            epoch, skip = epoch + 1, 0
+            self.epoch, self.items = epoch, 0
+
+    def next_batch(self) -> dict[str, Any]:
+        """The next micro-batch (collated); advances the cursor by ``batch_size`` items."""
+        return self.collate([next(self._items) for _ in range(self.batch_size)])
+
+    def preload(self, count: int) -> list[dict[str, Any]]:
+        """``count`` micro-batches in memory (the benchmark's loader-free side)."""
+        return [self.next_batch() for _ in range(count)]
