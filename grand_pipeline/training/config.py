@@ -107,13 +107,16 @@ class LaunchSection:
     """torch threads per worker; 0 means the worker's CPUs. Bit-identical losses need the same."""
     max_failures: int = 0
     """Ray Train restarts of a failed worker group; each restart resumes from the last checkpoint."""
+    prefetch_items: int = 8
+    """Items a background thread prepares ahead of the loop (0: load in the loop). The order and
+    the resume cursor are unchanged; only the waiting goes (``make bench``)."""
 
     def problems(self) -> Iterator[tuple[str, str]]:
         if self.workers < 1:
             yield "workers", "must be >= 1"
         if self.executor == "local" and self.workers != 1:
             yield "workers", f"the local executor runs one process, got {self.workers}; use --executor ray"
-        for name in ("torch_threads", "max_failures"):
+        for name in ("torch_threads", "max_failures", "prefetch_items"):
             if getattr(self, name) < 0:
                 yield name, "must be >= 0"
         for name, amount in self.resources_per_worker.items():

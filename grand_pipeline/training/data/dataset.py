@@ -182,12 +182,19 @@ class GrandGlammDataset(IterableDataset):
         self.level = training_level(self.store) if level is None else level
         self.images = ImageSource(input_uri(self.store, images_uri), self.cfg.max_image_pixels)
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
+        # The epoch lives in shared memory: loader workers that persist across epochs (they are
+        # forked once, not once per epoch) read the value the main process set, at every pass.
+        self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
         self.counts: Counter = Counter()
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle shards and redraw tasks; call with the same value on every rank."""
-        self.epoch = epoch
+        """Reshuffle shards and redraw tasks; call with the same value on every rank (and before
+        each pass: persistent loader workers see the new value)."""
+        self._epoch[0] = epoch
 
     def shards(self, worker: int = 0, num_workers: int = 1) -> list[str]:
         """The shards of this rank's ``worker`` out of ``num_workers``, for the current epoch."""

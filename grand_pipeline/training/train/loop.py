@@ -192,6 +192,7 @@ class Trainer:
         self.stream = BatchStream(
             dataset, Collator.for_tokenizer(tokenizer), cfg.optim.batch_size,
             loader_workers=cfg.data.loader_workers, seed=cfg.data.seed, cursor=cursor,
+            prefetch=cfg.launch.prefetch_items,
         )
         self.log = TrainLog(self.workdir, self.start) if ctx.is_main else None
         self.metrics = TrainMetrics.create() if ctx.is_main else TrainMetrics({})

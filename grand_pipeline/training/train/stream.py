@@ -9,11 +9,19 @@ straddle two epochs.
 
 The DataLoader gets its own seeded generator: creating its iterator would otherwise draw from the
 global torch RNG at every epoch start, and the resumed run starts its epoch at another moment.
+
+**Prefetch.** With ``prefetch > 0`` one background thread walks the same item sequence into a
+bounded queue while the model computes: decoding, resizing, Parquet and tar reads run in C with
+the GIL released, so on a spare core the loop stops waiting for data. Items still come out in the
+same order, each with its cursor position, so resuming is unchanged. The data path draws only
+from its own seeded generators, never the global RNG, so the thread cannot perturb training.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -49,6 +57,7 @@ class BatchStream:
         loader_workers: int = 0,
         seed: int = 0,
         cursor: Cursor = Cursor(),
+        prefetch: int = 0,
     ) -> None:
         self.dataset = dataset
         self.collate = collate
@@ -56,7 +65,8 @@ class BatchStream:
         self.loader_workers = loader_workers
         self.seed = seed
         self.epoch, self.items = cursor.epoch, cursor.items
-        self._items = self._iterate(cursor)
+        self._loader: DataLoader | None = None
+        self._items = self._iterate(cursor) if prefetch <= 0 else self._prefetched(cursor, prefetch)
 
     @property
     def cursor(self) -> Cursor:
@@ -64,26 +74,29 @@ class BatchStream:
         return Cursor(self.epoch, self.items)
 
     def _epoch(self, epoch: int) -> Iterator[TrainItem]:
-        self.dataset.set_epoch(epoch)
-        loader = DataLoader(
-            self.dataset,
-            batch_size=None,
-            collate_fn=_single,
-            num_workers=self.loader_workers,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-        yield from loader
+        self.dataset.set_epoch(epoch)  # shared memory: persistent workers read it at each pass
+        if self._loader is None:
+            # One loader for the run: its workers persist across epochs instead of being forked
+            # and re-initialised at every epoch start (a small output has epochs of a few items).
+            self._loader = DataLoader(
+                self.dataset,
+                batch_size=None,
+                collate_fn=_single,
+                num_workers=self.loader_workers,
+                persistent_workers=self.loader_workers > 0,
+                generator=torch.Generator().manual_seed(self.seed),
+            )
+        yield from self._loader
 
-    def _iterate(self, start: Cursor) -> Iterator[TrainItem]:
+    def _positions(self, start: Cursor) -> Iterator[tuple[int, int, TrainItem]]:
+        """``(epoch, items taken from it, item)`` from ``start`` on, endlessly."""
         epoch, skip = start.epoch, start.items
         while True:
             seen = 0
             for item in self._epoch(epoch):
                 seen += 1
-                if seen <= skip:
-                    continue
-                self.epoch, self.items = epoch, seen
-                yield item
+                if seen > skip:
+                    yield epoch, seen, item
             if seen == 0:
                 raise NoTrainingItems(
                     f"epoch {epoch}: this rank's shards {self.dataset.shards()} gave no training item "
@@ -92,7 +105,30 @@ class BatchStream:
             if seen < skip:
                 logger.warning("epoch %d has %d items, the checkpoint had consumed %d", epoch, seen, skip)
             epoch, skip = epoch + 1, 0
-            self.epoch, self.items = epoch, 0
+
+    def _iterate(self, start: Cursor) -> Iterator[TrainItem]:
+        for epoch, seen, item in self._positions(start):
+            self.epoch, self.items = epoch, seen
+            yield item
+
+    def _prefetched(self, start: Cursor, depth: int) -> Iterator[TrainItem]:
+        """:meth:`_iterate`, produced by a daemon thread up to ``depth`` items ahead."""
+        ready: queue.Queue = queue.Queue(maxsize=depth)
+
+        def produce() -> None:
+            try:
+                for position in self._positions(start):
+                    ready.put(position)
+            except BaseException as exc:  # handed to the consumer, raised there
+                ready.put(exc)
+
+        threading.Thread(target=produce, name="grand-prefetch", daemon=True).start()
+        while True:
+            got = ready.get()
+            if isinstance(got, BaseException):
+                raise got
+            self.epoch, self.items, item = got
+            yield item
 
     def next_batch(self) -> dict[str, Any]:
         """The next micro-batch (collated); advances the cursor by ``batch_size`` items."""
