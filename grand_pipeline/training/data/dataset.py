@@ -29,11 +29,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import pycocotools.mask as coco_mask
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from grand_pipeline.config import ConfigError
-from grand_pipeline.geometry import rle
 from grand_pipeline.store import Store
 from grand_pipeline.training.data.conversation import SpanError, TaskConversation, build_conversation
 from grand_pipeline.training.data.convert import ROW_COLUMNS, ConvertOptions, convert_tasks, row_ok
@@ -301,4 +301,8 @@ class GrandGlammDataset(IterableDataset):
         float, for the same reason as the images: 4x less to copy, converted on the device."""
         if not built.masks:
             return torch.zeros((0, height, width), dtype=torch.uint8)
-        return torch.from_numpy(rle.decode(list(built.masks)).view(np.uint8))
+        # pycocotools' C decoder: every mask here passed ``convert.valid_mask`` (counts that add up
+        # to H x W), the check its decoder lacks. It returns [H, W, k] in column-major order, so
+        # the [k, H, W] view below is free; the device makes it contiguous.
+        encoded = [{"size": list(m["size"]), "counts": m["counts"].encode()} for m in built.masks]
+        return torch.from_numpy(coco_mask.decode(encoded).transpose(2, 0, 1))
