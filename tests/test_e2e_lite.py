@@ -116,3 +116,91 @@ def test_show_colours_the_grounded_phrase(lite_output: Path, tmp_path: Path) -> 
     phrase = next(d["phrase"] for d in row["dense_caption"]["details"] if cup["id"] in d["ids"])
     assert '<p class="dense-caption">' in page
     assert f">{phrase}</span>" in page  # the phrase is wrapped in its object's colour
+
+
+# --- the GLaMM companion on this output (the same photos and models as `make demo`) -------------
+
+
+def test_glamm_batch_from_the_lite_output_has_the_reference_contract(lite_output: Path) -> None:
+    import torch
+
+    from grand_pipeline.models.hf_common import tiny_tokenizer
+    from grand_pipeline.training.data.collate import Collator
+    from grand_pipeline.training.data.convert import ConvertOptions
+    from grand_pipeline.training.data.dataset import DataConfig, GrandGlammDataset
+    from grand_pipeline.training.data.tokens import SPECIAL_TOKENS, SpecialIds
+
+    tok = tiny_tokenizer(extra_special=SPECIAL_TOKENS)
+    cfg = DataConfig(task_weights={"gcg": 1.0}, convert=ConvertOptions(only_verified=False))
+    items = list(GrandGlammDataset(str(lite_output), tok, cfg))
+    assert len(items) == 2, "both photos give a grounded-conversation item"
+    batch = Collator.for_tokenizer(tok)(items)
+    assert batch["global_enc_images"].shape == (2, 3, 336, 336)
+    assert batch["grounding_enc_images"].shape == (2, 3, 1024, 1024)
+    seg = SpecialIds.of(tok).seg
+    for i, masks in enumerate(batch["masks_list"]):
+        height, width = masks.shape[-2:]
+        assert (height, width) == (512, 512) or (height, width) == (400, 600)
+        assert masks.shape[0] == int((batch["input_ids"][i] == seg).sum()) >= 1
+        assert set(torch.unique(masks).tolist()) <= {0, 1}
+        assert len(batch["seg_positions"][i]) == masks.shape[0]
+
+
+def test_glamm_overfits_one_batch_of_the_lite_output(lite_output: Path) -> None:
+    import dataclasses
+
+    import torch
+
+    from grand_pipeline.training.config import load_train_config
+    from grand_pipeline.training.data.collate import Collator
+    from grand_pipeline.training.data.dataset import GrandGlammDataset
+    from grand_pipeline.training.model.builder import build_model
+
+    torch.manual_seed(0)
+    cfg = load_train_config("tiny").model
+    # The tiny LLM at 128 wide with whole embedding matrices (as tests/test_glamm_model.py).
+    cfg = dataclasses.replace(
+        cfg, llm=dataclasses.replace(cfg.llm, hidden_size=128, intermediate_size=256), embeddings="full"
+    )
+    model, tok = build_model(cfg)
+    data = cfg.data_config(max_length=512, task_weights={"gcg": 1.0})
+    data = dataclasses.replace(data, convert=dataclasses.replace(data.convert, only_verified=False))
+    batch = Collator.for_tokenizer(tok)(list(GrandGlammDataset(str(lite_output), tok, data)))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95))
+    history = []
+    for step in range(30):
+        torch.manual_seed(step)
+        out = model(batch)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        history.append({k: float(v.detach()) for k, v in out.items()})
+    first, last = history[0], history[-1]
+    mask = lambda h: 2.0 * h["bce"] + 0.5 * h["dice"]  # noqa: E731
+    assert last["loss"] <= 0.5 * first["loss"], (first, last)
+    assert mask(last) < mask(first), (first, last)
+
+
+def test_gcg_oracle_of_the_lite_output_scores_one(lite_output: Path, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from grand_pipeline.cli import app
+
+    oracle = tmp_path / "oracle"
+    runner = CliRunner()
+    done = runner.invoke(
+        app, ["export", "--output", str(lite_output), "--format", "gcg-oracle", "--all-captions", "--to", str(oracle)]
+    )
+    assert done.exit_code == 0, done.output
+    scored = runner.invoke(
+        app,
+        ["glamm", "eval-gcg", "--pred", str(oracle / "predictions"), "--gt", str(lite_output),
+         "--all-captions", "--json"],
+    )  # fmt: skip
+    assert scored.exit_code == 0, scored.output
+    report = json.loads(scored.stdout.strip().splitlines()[-1])
+    assert report["images"] == 2 and report["phrases"] >= 2
+    for key in ("AP50", "mIoU", "mIoU_penalised", "recall", "recall_legacy"):
+        assert report[key] == 1.0, (key, report[key])

@@ -70,6 +70,12 @@ def eval_gcg(
     profile: Annotated[str, typer.Option(help="Profile whose text_embedder 'minilm' uses.")] = "lite",
     split: Annotated[str | None, typer.Option(help="GT file prefix (val/test) when a folder has several.")] = None,
     only_predicted: Annotated[bool, typer.Option(help="Evaluate only GT images that have a prediction.")] = False,
+    only_verified: Annotated[bool, typer.Option("--only-verified/--all-captions", help="GT from a committed "
+                                                "output: verified dense captions only (as the exports).")] = True,
+    methods: Annotated[str, typer.Option(help="GT grounding methods kept: exact,embedding[,noun].")]
+        = "exact,embedding",
+    no_floating: Annotated[bool, typer.Option("--no-floating", help="GT: drop phrases on floating objects.")]
+        = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """GCG metrics: AP50, mIoU (+ penalised), phrase recall (+ legacy), METEOR, CIDEr, BLEU, ROUGE-L."""
@@ -78,7 +84,15 @@ def eval_gcg(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = EvalOptions(ap_score=ap_score, only_predicted=only_predicted)  # type: ignore[arg-type]
-    report = run_eval_gcg(pred, gt, options=options, split=split, embedder=embedder, profile=profile)
+    from grand_pipeline.training.data.convert import ConvertOptions
+
+    convert = ConvertOptions(
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        only_verified=only_verified,
+        floating=not no_floating,
+    )
+    report = run_eval_gcg(pred, gt, options=options, split=split, embedder=embedder, profile=profile,
+                          convert=convert)
     if report_file is not None:
         try:
             report_file.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -168,14 +168,16 @@ def run_eval_gcg(
     embedder: str = DEFAULT_EMBEDDER,
     profile: str = "lite",
     embed: Embed | None = None,
+    convert: Any = None,
 ) -> dict[str, Any]:
     """``grand glamm eval-gcg``: read predictions and GT, build the embedder, evaluate.
 
-    ``embed`` overrides ``embedder``/``profile`` (tests inject a deterministic one). The report
+    ``embed`` overrides ``embedder``/``profile`` (tests inject a deterministic one); ``convert``
+    (``ConvertOptions``) filters the GT of a committed output as the exports do. The report
     gains the reader's skips (``skips``, ``skipped_files``) and the GT converter's counts.
     """
     loaded = read_predictions(pred_dir)
-    truth, gt_counts = read_gt(gt, split)
+    truth, gt_counts = read_gt(gt, split, convert)
     name = embedder if embedder != DEFAULT_EMBEDDER else f"{embedder} (profile {profile})"
     if embed is not None:
         name = "injected"

@@ -138,10 +138,11 @@ def gt_from_samples(samples: Iterable[Any]) -> dict[str, GTImage]:
     return out
 
 
-def read_gt_store(uri: str) -> tuple[dict[str, GTImage], Counter[str]]:
+def read_gt_store(uri: str, convert: Any = None) -> tuple[dict[str, GTImage], Counter[str]]:
     """Our committed output -> (GT by image, converter counts).
 
-    The GT is ``rows.iter_gcg_ground_truth`` under the converter's default options: each ok
+    The GT is ``rows.iter_gcg_ground_truth`` under ``convert`` (``ConvertOptions``; the
+    converter's defaults when None, the same filters as the exports' defaults): each ok
     row's dense-caption GCG sample, the same stream the ``gcg-oracle`` export writes as
     predictions. Rows without one (unverified or missing dense caption, ...) are counted by the
     converter and left out.
@@ -154,18 +155,18 @@ def read_gt_store(uri: str) -> tuple[dict[str, GTImage], Counter[str]]:
     from grand_pipeline.store import Store
 
     counts: Counter[str] = Counter()
-    gt = gt_from_samples(iter_gcg_ground_truth(Store(uri), ConvertOptions(), counts))
+    gt = gt_from_samples(iter_gcg_ground_truth(Store(uri), convert or ConvertOptions(), counts))
     if not gt:
         raise EvalInputError(f"--gt {uri}: no committed image with a dense-caption GCG sample")
     check_gt_sizes(gt, uri)
     return gt, counts
 
 
-def read_gt(gt: str, split: str | None = None) -> tuple[dict[str, GTImage], Counter[str]]:
+def read_gt(gt: str, split: str | None = None, convert: Any = None) -> tuple[dict[str, GTImage], Counter[str]]:
     """``--gt``: a folder with the authors' GT files, else a store URI of our committed output."""
     path = Path(gt)
     if path.is_dir() and find_gt_files(path, split) is not None:
         return read_gt_dir(path, split), Counter()
     if "://" not in gt and not path.exists():
         raise EvalInputError(f"--gt {gt}: no such folder")
-    return read_gt_store(gt)
+    return read_gt_store(gt, convert)
