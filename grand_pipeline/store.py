@@ -80,6 +80,39 @@ _PARQUET_OPTIONS: dict[str, Any] = dict(
 )
 
 
+def publish(fs: Any, src: str, dst: str) -> None:
+    """Make ``src`` visible as ``dst``, overwriting it (the parent folder must exist locally).
+
+    Locally this is ``os.replace``: atomic, and it overwrites (``shutil.move``, which fsspec's
+    local ``mv`` uses, does not promise that). Elsewhere it is ``fs.mv``: on S3 a server-side copy
+    (the destination appears whole) and a delete. Nothing relies on it being atomic there: only
+    a claim holder publishes, and the marker, written last, decides.
+    """
+    if isinstance(fs, LocalFileSystem):
+        os.replace(src, dst)
+    else:
+        fs.mv(src, dst)
+
+
+def remove_quietly(fs: Any, path: str) -> None:
+    """Delete ``path`` if it exists."""
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def put_atomic(fs: Any, staged: str, path: str, data: bytes, publish_fn: Any = None) -> None:
+    """Write ``data`` to the staging name ``staged``, then publish it as ``path``; the staged file is
+    removed if publishing fails, so a reader sees the whole file or none."""
+    fs.pipe_file(staged, data)
+    try:
+        (publish_fn or (lambda a, b: publish(fs, a, b)))(staged, path)
+    except BaseException:
+        remove_quietly(fs, staged)
+        raise
+
+
 class StoreError(Exception):
     """A problem with the output store (bad shard id, unreadable layout, ...)."""
 
@@ -178,34 +211,17 @@ class Store:
             self._made.add(directory)
 
     def _publish(self, src: str, dst: str) -> None:
-        """Make ``src`` visible as ``dst``, overwriting it. The single place that publishes.
-
-        Locally this is ``os.replace``: atomic, and it overwrites (``shutil.move``, which
-        fsspec's local ``mv`` uses, does not promise that). Elsewhere it is ``fs.mv``: on S3 a
-        server-side copy (the destination appears whole) and a delete. Nothing relies on it being
-        atomic there: only a claim holder publishes, and the marker, written last, decides.
-        """
+        """Make ``src`` visible as ``dst``, overwriting it: :func:`publish`, the single place."""
         self._makedirs(posixpath.dirname(dst))
-        if isinstance(self.fs, LocalFileSystem):
-            os.replace(src, dst)
-        else:
-            self.fs.mv(src, dst)
+        publish(self.fs, src, dst)
 
     def _write_atomic(self, path: str, data: bytes) -> None:
         staged = self._staging_path(posixpath.dirname(path), posixpath.basename(path))
         self._makedirs(posixpath.dirname(staged))
-        self.fs.pipe_file(staged, data)
-        try:
-            self._publish(staged, path)
-        except BaseException:
-            self._remove(staged)
-            raise
+        put_atomic(self.fs, staged, path, data, self._publish)
 
     def _remove(self, path: str) -> None:
-        try:
-            self.fs.rm_file(path)
-        except FileNotFoundError:
-            pass
+        remove_quietly(self.fs, path)
 
     def _read_bytes(self, path: str) -> bytes | None:
         try:

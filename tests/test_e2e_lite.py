@@ -155,30 +155,15 @@ def test_glamm_overfits_one_batch_of_the_lite_output(lite_output: Path) -> None:
     from grand_pipeline.training.data.collate import Collator
     from grand_pipeline.training.data.dataset import GrandGlammDataset
     from grand_pipeline.training.model.builder import build_model
+    from tests.test_glamm_model import assert_overfits, overfit_config
 
     torch.manual_seed(0)
-    cfg = load_train_config("tiny").model
-    # The tiny LLM at 128 wide with whole embedding matrices (as tests/test_glamm_model.py).
-    cfg = dataclasses.replace(
-        cfg, llm=dataclasses.replace(cfg.llm, hidden_size=128, intermediate_size=256), embeddings="full"
-    )
+    cfg = overfit_config(load_train_config("tiny").model)
     model, tok = build_model(cfg)
     data = cfg.data_config(max_length=512, task_weights={"gcg": 1.0})
     data = dataclasses.replace(data, convert=dataclasses.replace(data.convert, only_verified=False))
     batch = Collator.for_tokenizer(tok)(list(GrandGlammDataset(str(lite_output), tok, data)))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95))
-    history = []
-    for step in range(30):
-        torch.manual_seed(step)
-        out = model(batch)
-        out["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        history.append({k: float(v.detach()) for k, v in out.items()})
-    first, last = history[0], history[-1]
-    mask = lambda h: 2.0 * h["bce"] + 0.5 * h["dice"]  # noqa: E731
-    assert last["loss"] <= 0.5 * first["loss"], (first, last)
-    assert mask(last) < mask(first), (first, last)
+    assert_overfits(model, batch, cfg)
 
 
 def test_gcg_oracle_of_the_lite_output_scores_one(lite_output: Path, tmp_path: Path) -> None:

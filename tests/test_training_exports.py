@@ -30,6 +30,7 @@ from grand_pipeline.geometry import rle
 from grand_pipeline.sources import write_sa1b_tar
 from grand_pipeline.store import Store
 from grand_pipeline.training import exports
+from grand_pipeline.training.data import images as images_module
 from grand_pipeline.training.data.convert import ConvertOptions, convert_row
 from grand_pipeline.training.data.rows import NotReadyError, iter_committed_rows, iter_gcg_ground_truth
 from grand_pipeline.training.data.samples import TASKS, GCGSample, to_json
@@ -211,13 +212,13 @@ def test_grandf_gcg_round_trips_through_the_authors_reading_rules(
     run_output: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     passes: list[str] = []
-    real_iter_shard = exports.iter_shard
+    real_iter_shard = images_module.iter_shard
 
     def counting_iter_shard(ref, only=None):
         passes.append(ref.shard_id)
         return real_iter_shard(ref, only)
 
-    monkeypatch.setattr(exports, "iter_shard", counting_iter_shard)
+    monkeypatch.setattr(images_module, "iter_shard", counting_iter_shard)
     to = tmp_path / "grandf"
     summary = export(str(run_output), "grandf-gcg", str(to))
     assert sorted(passes) == ["a", "b"]  # one streaming pass per shard

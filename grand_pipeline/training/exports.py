@@ -55,7 +55,6 @@ from grand_pipeline.export import (
     safe_file_name,
     write_json_atomic,
 )
-from grand_pipeline.sources import ImageDecodeError, decode_image, iter_shard
 from grand_pipeline.training.data.convert import ConvertConfigError, ConvertOptions, convert_row
 from grand_pipeline.training.data.images import ImageSource, input_uri
 from grand_pipeline.training.data.rows import gcg_ground_truth, training_level
@@ -170,42 +169,15 @@ def as_jpeg(data: bytes, pixels: np.ndarray, counts: Counter) -> bytes:
 def write_images(
     source: ImageSource, shard: str, wanted: dict[str, ImageRef], folder: Path, counts: Counter
 ) -> set[str]:
-    """Write ``wanted``'s images (all in ``shard``) from one streaming pass over the source shard;
-    returns the ids written. The checks and count names are ``images.ImageSource``'s, but the
-    source bytes are kept, so a JPEG is copied, not compressed a second time. Files are named from
-    the (safe) image id, never from a tar member name."""
-    ref = source.refs.get(shard)
-    if ref is None:
-        counts["images:shard_missing"] += len(wanted)
-        return set()
-    seen: set[str] = set()
+    """Write ``wanted``'s images (all in ``shard``) from one streaming pass over the source shard
+    (``ImageSource``: its checks and counts); returns the ids written. The source bytes are kept,
+    so a JPEG is copied, not compressed a second time. Files are named from the (safe) image id,
+    never from a tar member name."""
     written: set[str] = set()
-    items = iter_shard(ref, only=set(wanted))
-    try:
-        for item in items:
-            image = wanted.get(item.image_id)
-            if image is None or item.image_id in seen:
-                continue  # a reader's error item (e.g. a truncated tar) or a repeated member
-            seen.add(item.image_id)
-            if not item.data:
-                counts["images:unreadable"] += 1
-                continue
-            try:
-                pixels = decode_image(item.data, source.max_pixels)
-            except ImageDecodeError:
-                counts["images:decode_error"] += 1
-                continue
-            if pixels.shape[:2] != (image.height, image.width):
-                counts["images:size_mismatch"] += 1
-                continue
-            with atomic_open(folder / safe_file_name(item.image_id, ".jpg"), "wb") as handle:
-                handle.write(as_jpeg(item.data, pixels, counts))
-            written.add(item.image_id)
-            if len(seen) == len(wanted):
-                break
-    finally:
-        getattr(items, "close", lambda: None)()  # closes the tar stream now
-    counts["images:missing"] += len(set(wanted) - seen)
+    for ref, pixels, data in source.iter_encoded(wanted.values(), counts):
+        with atomic_open(folder / safe_file_name(ref.image_id, ".jpg"), "wb") as handle:
+            handle.write(as_jpeg(data, pixels, counts))
+        written.add(ref.image_id)
     counts["images:ok"] += len(written)
     return written
 

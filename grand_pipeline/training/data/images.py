@@ -63,6 +63,13 @@ class ImageSource:
     ) -> Iterator[tuple[ImageRef, np.ndarray]]:
         """Yield ``(ref, H x W x 3 uint8 pixels)`` for each usable wanted image, shard by shard in
         first-wanted order, images in each shard's stored order; the rest are counted."""
+        for ref, pixels, _ in self.iter_encoded(wanted, counts):
+            yield ref, pixels
+
+    def iter_encoded(
+        self, wanted: Iterable[ImageRef], counts: Counter
+    ) -> Iterator[tuple[ImageRef, np.ndarray, bytes]]:
+        """:meth:`iter_images` plus each image's source bytes (an export copies a JPEG as it is)."""
         by_shard: dict[str, dict[str, ImageRef]] = defaultdict(dict)
         for ref in wanted:
             by_shard[ref.shard_id].setdefault(ref.image_id, ref)
@@ -76,7 +83,7 @@ class ImageSource:
 
     def _shard_pass(
         self, shard: ShardRef, refs: dict[str, ImageRef], counts: Counter
-    ) -> Iterator[tuple[ImageRef, np.ndarray]]:
+    ) -> Iterator[tuple[ImageRef, np.ndarray, bytes]]:
         seen: set[str] = set()
         items = iter_shard(shard, only=set(refs))
         try:
@@ -86,8 +93,8 @@ class ImageSource:
                     continue  # a reader's error item (e.g. a truncated tar) or a repeated member
                 seen.add(item.image_id)
                 pixels = self._decode(item.data, item.error, ref, counts)
-                if pixels is not None:
-                    yield ref, pixels
+                if pixels is not None and item.data is not None:
+                    yield ref, pixels, item.data
                 if len(seen) == len(refs):
                     break
         finally:

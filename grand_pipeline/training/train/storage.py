@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import posixpath
 import uuid
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from grand_pipeline.store import publish, put_atomic, remove_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +66,9 @@ class Location:
             return []
 
     def _publish(self, src: str, dst: str) -> None:
-        """Make ``src`` visible as ``dst`` (the store's rule: ``os.replace`` locally, else ``mv``)."""
+        """Make ``src`` visible as ``dst`` (the store's :func:`~grand_pipeline.store.publish`)."""
         self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
-        if self.local:
-            os.replace(src, dst)
-        else:
-            self.fs.mv(src, dst)
+        publish(self.fs, src, dst)
 
     def _staged(self, name: str) -> str:
         staged = self.path(STAGING, f"{name}.{uuid.uuid4().hex}")
@@ -79,19 +77,10 @@ class Location:
 
     def write_atomic(self, name: str, data: bytes) -> None:
         """Write ``data`` to ``name`` under this folder: whole or not at all."""
-        staged = self._staged(posixpath.basename(name))
-        self.fs.pipe_file(staged, data)
-        try:
-            self._publish(staged, self.path(name))
-        except BaseException:
-            self._remove(staged)
-            raise
+        put_atomic(self.fs, self._staged(posixpath.basename(name)), self.path(name), data, self._publish)
 
     def _remove(self, path: str) -> None:
-        try:
-            self.fs.rm_file(path)
-        except FileNotFoundError:
-            pass
+        remove_quietly(self.fs, path)
 
     def write_folder(self, name: str, files: dict[str, bytes], marker: str, record: dict[str, Any]) -> None:
         """Publish ``files`` into the sub-folder ``name``, then its ``marker`` (``record`` plus
