@@ -139,6 +139,33 @@ def level_extras(entry: dict, markers: dict[str, dict], now: float) -> dict[str,
     return extras
 
 
+#: GLaMM training's per-step log (``grand glamm train``), read as a file: the dashboard knows its
+#: format (one JSON object per line: step, loss, ce, bce, dice, lr, samples_per_s), not its code.
+TRAIN_LOG = ("glamm", "train_log.jsonl")
+TRAIN_SERIES = 200
+
+
+def training_summary(store: Store) -> dict[str, Any] | None:
+    """The newest training step and the last ``TRAIN_SERIES`` losses, or None without a log."""
+    raw = store.read_file(*TRAIN_LOG)
+    if not raw:
+        return None
+    records = []
+    for line in raw.decode("utf-8", "replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line being written: the next refresh reads it whole
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    if not records:
+        return None
+    return {
+        "last": records[-1],
+        "series": [{"step": r["step"], "loss": r.get("loss")} for r in records[-TRAIN_SERIES:]],
+    }
+
+
 def snapshot(store: Store) -> dict[str, Any]:
     """``Store.status()`` unchanged (the CLI's numbers), plus per-level extras and run metadata."""
     now = time.time()
@@ -149,6 +176,7 @@ def snapshot(store: Store) -> dict[str, Any]:
     status["run"] = {k: meta.get(k) for k in ("config_hash", "profile", "code_version", "input", "levels",
                                               "attempt")}
     status["output"] = store.uri
+    status["training"] = training_summary(store)
     status["generated_at"] = now
     return status
 

@@ -223,6 +223,10 @@ class Store:
     def _remove(self, path: str) -> None:
         remove_quietly(self.fs, path)
 
+    def read_file(self, *parts: str) -> bytes | None:
+        """The bytes of ``OUT/<parts>`` (e.g. ``glamm/train_log.jsonl``), or None when absent."""
+        return self._read_bytes(self._path(*parts))
+
     def _read_bytes(self, path: str) -> bytes | None:
         try:
             return self.fs.cat_file(path)

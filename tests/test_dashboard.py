@@ -202,3 +202,19 @@ def test_grand_dashboard_command_serves_the_status(run_output: Path) -> None:
     for got, want in zip(served["levels"], status["levels"], strict=True):
         assert {k: got[k] for k in want} == want  # the CLI's keys, unchanged
     assert served["matrix"] == status["matrix"] and served["run"]["profile"] == "tiny-lite"
+
+
+def test_snapshot_shows_glamm_training_from_its_log(tmp_path: Path) -> None:
+    from grand_pipeline.dashboard import snapshot, training_summary
+    from grand_pipeline.store import Store
+
+    out = tmp_path / "out"
+    assert training_summary(Store(str(out))) is None
+    (out / "glamm").mkdir(parents=True)
+    lines = [{"step": s, "loss": 5.0 - s, "ce": 4.0, "bce": 0.5, "dice": 0.4, "lr": 1e-3, "samples_per_s": 9.5}
+             for s in (1, 2, 3)]
+    text = "".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "lo'  # a line being written
+    (out / "glamm" / "train_log.jsonl").write_text(text)
+    training = snapshot(Store(str(out)))["training"]
+    assert training["last"] == lines[-1]
+    assert [p["loss"] for p in training["series"]] == [4.0, 3.0, 2.0]

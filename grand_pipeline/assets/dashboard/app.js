@@ -131,6 +131,21 @@ function renderMatrix(matrix) {
   }
 }
 
+function renderTraining(training) {
+  const section = document.getElementById("training");
+  section.hidden = !training;
+  if (!training) return;
+  const body = document.querySelector("#train tbody");
+  body.replaceChildren();
+  const tr = el("tr");
+  const last = training.last;
+  for (const key of ["step", "loss", "ce", "bce", "dice", "lr", "samples_per_s"]) {
+    const value = last[key];
+    cell(tr, key, value, typeof value === "number" && key !== "step" ? value.toPrecision(4) : String(value));
+  }
+  body.appendChild(tr);
+}
+
 async function refresh() {
   const error = document.getElementById("error");
   try {
@@ -146,6 +161,7 @@ async function refresh() {
     renderPairs("#failures", data.levels, "failures_by_stage");
     renderPairs("#checks", data.levels, "verify_failures");
     renderMatrix(data.matrix || {});
+    renderTraining(data.training);
     error.hidden = true;
     document.body.setAttribute("data-loaded", String(data.generated_at));
   } catch (exc) {
