@@ -29,7 +29,6 @@ from grand_pipeline.export import SUMMARY_PATH, ExportOptions, export
 from grand_pipeline.geometry import rle
 from grand_pipeline.sources import write_sa1b_tar
 from grand_pipeline.store import Store
-from grand_pipeline.training import exports
 from grand_pipeline.training.data import images as images_module
 from grand_pipeline.training.data.convert import ConvertOptions, convert_row
 from grand_pipeline.training.data.rows import NotReadyError, iter_committed_rows, iter_gcg_ground_truth

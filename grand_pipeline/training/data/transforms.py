@@ -32,7 +32,7 @@ from PIL import Image
 try:  # opencv-python comes with the full extra (ultralytics); PIL is the fallback
     import cv2
 except ImportError:  # pragma: no cover - exercised only without OpenCV
-    cv2 = None
+    cv2 = None  # type: ignore[assignment]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
