@@ -301,3 +301,18 @@ def test_ray_train_two_cpu_workers_checkpoint_to_s3(ray_s3) -> None:
     assert loaded.world_size == 2 and len(loaded.rng) == 2 and all(c.items > 0 for c in loaded.cursors)
     assert [r["step"] for r in read_log(ray_s3)] == [1, 2]
     assert json.loads(Store(ray_s3).fs.cat_file(f"{BUCKET}/run/out/glamm/checkpoints/step_2/checkpoint.json"))["step"] == 2
+
+
+def test_infer_cli_writes_predictions_that_eval_gcg_scores(trained, tmp_path) -> None:
+    """Done-means 6: the trained tiny checkpoint -> `grand glamm infer` -> `grand glamm eval-gcg`."""
+    pred = tmp_path / "pred"
+    result = grand("glamm", "infer", "-o", str(trained), "--to", str(pred), "--max-new-tokens", "8")
+    assert result.exit_code == 0, result.output
+    files = sorted(pred.glob("*.json"))
+    assert files and all({"image_id", "caption", "phrases", "pred_masks"} <= json.loads(f.read_text()).keys()
+                          for f in files)
+    scored = grand("glamm", "eval-gcg", "--pred", str(pred), "--gt", str(trained), "--all-captions",
+                   "--only-predicted", "--json")
+    assert scored.exit_code == 0, scored.output
+    report = json.loads(scored.stdout.strip().splitlines()[-1])
+    assert report["predicted_images"] == len(files) and 0.0 <= report["mIoU"] <= 1.0
