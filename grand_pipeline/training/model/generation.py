@@ -82,7 +82,8 @@ def greedy(
     seg: list[Tensor] = []
     embeds = prompt()
     out = core(inputs_embeds=embeds, use_cache=use_cache)
-    cache = out.get("cache", out.get("past_key_values")) if use_cache else None
+    # ``cache`` in transformers 5 (reading the deprecated ``past_key_values`` there warns).
+    cache = (out["cache"] if "cache" in out else out.get("past_key_values")) if use_cache else None
     kwarg = _cache_kwarg(core)
     length = embeds.shape[1]
     for step in range(max_new_tokens):
