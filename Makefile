@@ -48,7 +48,7 @@ bench: install  ## side-by-side throughput ratios (the training-data part runs o
 	$(BIN)/python -m benchmarks.run
 	@test -f $(DEMO)/out/_run/run.json || $(MAKE) demo
 	$(BIN)/python -m benchmarks.training_data --output $(DEMO)/out
-	$(BIN)/python -m benchmarks.training_loop --output $(DEMO)/out --steps 16 --repeats 5 --set data.loader_workers=1
+	$(BIN)/python -m benchmarks.training_loop --output $(DEMO)/out --steps 16 --repeats 5 --set data.loader_workers=1 --set launch.prefetch_items=8
 
 bench-gpu: install  ## GPU-seconds per image per stage, full-profile models at full size, random weights (CUDA)
 	$(BIN)/python -m benchmarks.gpu_profile

@@ -23,6 +23,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def forget_s3_clients() -> None:
+    """Drop fsspec's cached S3 file systems. The endpoint comes from ``AWS_ENDPOINT_URL``, which
+    is not part of fsspec's cache key, so an instance made for one test module's endpoint would
+    otherwise be reused by the next module and dial a server that is gone."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 class S3Endpoint:
     """moto + proxy. ``fail_puts`` holds substrings: a PUT whose path contains one gets a 403."""
 
@@ -74,6 +83,7 @@ class S3Endpoint:
 
     def start(self) -> S3Endpoint:
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+        forget_s3_clients()
         self.moto.start()
         threading.Thread(target=self.proxy.serve_forever, daemon=True).start()
         return self
@@ -82,6 +92,7 @@ class S3Endpoint:
         self.proxy.shutdown()
         self.proxy.server_close()
         self.moto.stop()
+        forget_s3_clients()
 
     def env(self) -> dict[str, str]:
         return {

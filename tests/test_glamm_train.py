@@ -316,3 +316,27 @@ def test_infer_cli_writes_predictions_that_eval_gcg_scores(trained, tmp_path) ->
     assert scored.exit_code == 0, scored.output
     report = json.loads(scored.stdout.strip().splitlines()[-1])
     assert report["predicted_images"] == len(files) and 0.0 <= report["mIoU"] <= 1.0
+
+
+def test_prefetch_keeps_the_item_order_and_cursor_and_closes(output) -> None:
+    """The prefetch thread hands out the same items with the same cursor positions, then stops."""
+    from grand_pipeline.models.hf_common import tiny_tokenizer
+    from grand_pipeline.training.data.dataset import GrandGlammDataset
+    from grand_pipeline.training.data.tokens import SPECIAL_TOKENS
+    from grand_pipeline.training.train.checkpoint import Cursor
+    from grand_pipeline.training.train.stream import BatchStream
+
+    cfg = load_train_config("tiny")
+    tok = tiny_tokenizer(extra_special=SPECIAL_TOKENS)
+    seen = []
+    for prefetch in (0, 3):
+        dataset = GrandGlammDataset(str(output), tok, cfg.data_config())
+        stream = BatchStream(dataset, lambda items: items, 1, cursor=Cursor(), prefetch=prefetch)
+        run = []
+        for _ in range(5):  # more than an epoch of the 2-image output: crosses epochs
+            (item,) = stream.next_batch()
+            run.append((item.image_path, item.task, stream.cursor))
+        stream.close()
+        assert stream._thread is None
+        seen.append(run)
+    assert seen[0] == seen[1]

@@ -257,9 +257,12 @@ def train(
     """Train (or resume) to ``cfg.optim.total_steps``; ``on_step`` gets rank 0's records."""
     trainer = Trainer(cfg, output, ctx or WorkerContext())
     last, saved = None, ckpt_io.latest(output) if trainer.ctx.is_main else None
-    for record in trainer.steps():
-        saved = record.pop("checkpoint", None) or saved
-        last = record
-        if trainer.ctx.is_main and on_step is not None:
-            on_step(record)
+    try:
+        for record in trainer.steps():
+            saved = record.pop("checkpoint", None) or saved
+            last = record
+            if trainer.ctx.is_main and on_step is not None:
+                on_step(record)
+    finally:
+        trainer.stream.close()  # stops the prefetch thread before the process winds down
     return TrainResult(trainer.start, cfg.optim.total_steps, last, saved)

@@ -66,6 +66,8 @@ class BatchStream:
         self.seed = seed
         self.epoch, self.items = cursor.epoch, cursor.items
         self._loader: DataLoader | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self._items = self._iterate(cursor) if prefetch <= 0 else self._prefetched(cursor, prefetch)
 
     @property
@@ -114,21 +116,41 @@ class BatchStream:
     def _prefetched(self, start: Cursor, depth: int) -> Iterator[TrainItem]:
         """:meth:`_iterate`, produced by a daemon thread up to ``depth`` items ahead."""
         ready: queue.Queue = queue.Queue(maxsize=depth)
+        stop = self._stop
+
+        def offer(value: Any) -> bool:
+            """Put ``value`` unless the stream is closed; False once it is."""
+            while not stop.is_set():
+                try:
+                    ready.put(value, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def produce() -> None:
             try:
                 for position in self._positions(start):
-                    ready.put(position)
+                    if not offer(position):
+                        return
             except BaseException as exc:  # handed to the consumer, raised there
-                ready.put(exc)
+                offer(exc)
 
-        threading.Thread(target=produce, name="grand-prefetch", daemon=True).start()
+        self._thread = threading.Thread(target=produce, name="grand-prefetch", daemon=True)
+        self._thread.start()
         while True:
             got = ready.get()
             if isinstance(got, BaseException):
                 raise got
             self.epoch, self.items, item = got
             yield item
+
+    def close(self) -> None:
+        """Stop the prefetch thread (it finishes the item in hand, then ends); idempotent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+            self._thread = None
 
     def next_batch(self) -> dict[str, Any]:
         """The next micro-batch (collated); advances the cursor by ``batch_size`` items."""
