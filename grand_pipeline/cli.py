@@ -18,6 +18,7 @@ import typer
 from grand_pipeline.cli_common import friendly
 
 #: Shard rows `grand status` prints before it lists only the unfinished ones.
+_MATRIX_MARK = {"committed": "x", "partial": "~"}  # x: every unit, ~: some units, .: none
 _MATRIX_ROWS = 50
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build GranD annotations.")
@@ -74,6 +75,7 @@ def run(
     """Run levels over the input shards; committed (level, shard) pairs are skipped."""
     from grand_pipeline.config import ConfigError, load_config
     from grand_pipeline.engine import driver
+    from grand_pipeline.engine.runner import StartupFailed
 
     _setup_logging(verbose)
     if mode not in ("resume", "overwrite"):
@@ -92,7 +94,12 @@ def run(
 
         if event["type"] == "plan":
             for lvl, count in event["planned"].items():
-                bars[lvl] = tqdm(total=count, desc=f"level {lvl}", unit="shard", file=sys.stderr)
+                bars[lvl] = tqdm(total=count, desc=f"level {lvl}", unit="unit", file=sys.stderr)
+        elif event["type"] == "units":  # a shard was indexed: its units join the totals
+            for lvl, count in event["planned"].items():
+                if lvl in bars:
+                    bars[lvl].total += count
+                    bars[lvl].refresh()
         elif event["type"] == "committed" and event["level"] in bars:
             lvl = event["level"]
             rows[lvl] = rows.get(lvl, 0) + int(event.get("rows") or 0)
@@ -100,23 +107,26 @@ def run(
             rate = rows[lvl] / max(time.monotonic() - started, 1e-9)
             bars[lvl].update(1)
             bars[lvl].set_postfix(ok=event["ok"], failed=event["failed"], img_s=f"{rate:.2f}")
-        elif event["type"] == "shard_error":
-            tqdm.write(f"level {event['level']} shard {event['shard']}: {event['error']}", file=sys.stderr)
+        elif event["type"] == "unit_error":
+            tqdm.write(f"level {event['level']} unit {event['unit']}: {event['error']}", file=sys.stderr)
 
     try:
         summary = driver.run(cfg, request, executor, on_event)
+    except StartupFailed as exc:
+        typer.echo(f"grand: error: a model failed its start-up check: {exc}", err=True)
+        raise typer.Exit(1) from None
     finally:
         for bar in bars.values():
             bar.close()
     if not any(summary.planned.values()):
         typer.echo(f"nothing to do: level(s) {wanted} already committed for every selected shard")
     for lvl, shard_ids in sorted(summary.blocked.items()):
-        typer.echo(f"level {lvl}: {len(shard_ids)} shard(s) wait for level {lvl - 1} to be committed")
+        typer.echo(f"level {lvl}: {len(shard_ids)} unit(s) wait for level {lvl - 1} to be committed")
     _print_status(output)
     if summary.failed:
         for key, error in summary.failed.items():
             typer.echo(f"failed: {key}: {error}", err=True)
-        typer.echo(f"{len(summary.failed)} shard(s) failed; rerun the same command to retry them", err=True)
+        typer.echo(f"{len(summary.failed)} unit(s) failed; rerun the same command to retry them", err=True)
         raise typer.Exit(1)
 
 
@@ -126,14 +136,15 @@ def _print_status(output: str) -> dict[str, Any]:
 
     store = Store(output)
     status = store.status()
-    # img/s: rows over summed shard seconds (per worker); wall img/s: over the run's elapsed time.
-    typer.echo(f"{'level':<6}{'shards':>10}{'images ok':>11}{'failed':>8}{'img/s':>9}{'wall img/s':>12}{'ETA':>10}")
+    # img/s: rows over summed unit seconds (per worker); wall img/s: over the run's elapsed time.
+    typer.echo(f"{'level':<6}{'units':>12}{'shards':>10}{'images ok':>11}{'failed':>8}{'img/s':>9}{'wall img/s':>12}{'ETA':>10}")
     for entry in status["levels"]:
+        units = f"{entry['units_committed']}/{entry['units_total']}"
         shards = f"{entry['shards_committed']}/{entry['shards_total']}"
         extra = level_extras(entry, store.committed(entry["level"]), time.time())
         wall = extra["wall_images_per_second"]
         typer.echo(
-            f"{entry['level']:<6}{shards:>10}{entry['images_ok']:>11}{entry['images_failed']:>8}"
+            f"{entry['level']:<6}{units:>12}{shards:>10}{entry['images_ok']:>11}{entry['images_failed']:>8}"
             f"{entry['images_per_second']:>9.2f}{'n/a' if wall is None else f'{wall:.2f}':>12}"
             f"{format_eta(extra['eta_seconds']):>10}"
         )
@@ -148,7 +159,7 @@ def status(
     output: Annotated[str, typer.Option("--output", "-o")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Per level: shards committed/total, images ok/failed, throughput."""
+    """Per level: units and shards committed/total, images ok/failed, throughput."""
     from grand_pipeline.store import Store
 
     if as_json:
@@ -165,7 +176,7 @@ def status(
         width = max([len("shard"), *map(len, shards)])
         typer.echo("\n" + "shard".ljust(width) + "".join(f"  L{lvl}" for lvl in levels))
         for shard in shards[:_MATRIX_ROWS]:
-            marks = "".join(f"  {'x' if matrix[shard].get(lvl) == 'committed' else '.':<2}" for lvl in levels)
+            marks = "".join(f"  {_MATRIX_MARK.get(matrix[shard].get(lvl, ''), '.'):<2}" for lvl in levels)
             typer.echo(f"{shard.ljust(width)}{marks}")
         hidden = len(matrix) - min(len(shards), _MATRIX_ROWS)
         if hidden:
@@ -319,7 +330,7 @@ def plan(
     for lv in result.levels:
         typer.echo(f"{lv.level:<6}{lv.seconds_per_image:>9.3f}{lv.gpus_per_actor:>8.2f}{lv.actors:>7}"
                    f"{lv.gpus:>6.1f}{lv.actors * lv.cpus_per_actor:>6.0f}{lv.images_per_s:>9.2f}"
-                   f"{lv.shards_remaining:>6}  {lv.bottleneck_stage or '-'}")
+                   f"{lv.units_remaining:>6}  {lv.bottleneck_stage or '-'}")
     for level in result.unmeasured:
         typer.echo(f"level {level}: no committed shard to measure; run a calibration shard first")
     eta = result.eta_s()

@@ -165,6 +165,12 @@ class EngineConfig:
     torch_threads: int = 0
     """Threads per actor for torch; 0 means the pool's ``num_cpus``. Outputs are bit-identical
     only for the same thread count."""
+    unit_images: int = 500
+    """Images per sub-shard unit, the unit of work, commit and retry. Fixed for an output once
+    its first shard is indexed (a different value is refused on resume)."""
+    prefetch_batches: int = 1
+    """Micro-batches read and decoded ahead by a thread inside each actor while the current one
+    runs on the models; 0 reads in line."""
 
 
 @dataclass
@@ -335,6 +341,13 @@ def _validate(obj: Any, prefix: str) -> None:
                 raise bad(name, "must be within [0, 1]")
         if obj.min_models < 1:
             raise bad("min_models", "must be >= 1")
+    if isinstance(obj, EngineConfig):
+        if obj.unit_images < 1:
+            raise bad("unit_images", "must be >= 1")
+        if obj.prefetch_batches < 0:
+            raise bad("prefetch_batches", "must be >= 0")
+        if obj.max_shard_retries < 0 or obj.max_in_flight_per_actor < 1:
+            raise bad("max_shard_retries", "retries must be >= 0 and max_in_flight_per_actor >= 1")
     if isinstance(obj, PoolConfig):
         if obj.num_actors < 1:
             raise bad("num_actors", "must be >= 1")

@@ -110,8 +110,9 @@ def format_eta(seconds: float | None) -> str:
 def level_extras(entry: dict, markers: dict[str, dict], now: float) -> dict[str, Any]:
     """Wall-clock throughput, ETA, LLM counters and the time series of one level."""
     spans = [span for m in markers.values() if (span := shard_span(m))]
-    remaining = max(int(entry["shards_total"]) - int(entry["shards_committed"]), 0)
-    extras: dict[str, Any] = {"shards_remaining": remaining, "eta_seconds": 0.0 if remaining == 0 else None,
+    # Units are what commits: the ETA is remaining units at the pace of the latest units.
+    remaining = max(int(entry["units_total"]) - int(entry["units_committed"]), 0)
+    extras: dict[str, Any] = {"units_remaining": remaining, "eta_seconds": 0.0 if remaining == 0 else None,
                               "wall_images_per_second": None, "first_started": None, "last_finished": None}
     if spans:
         start, end = min(s for s, _ in spans), max(e for _, e in spans)
@@ -121,7 +122,7 @@ def level_extras(entry: dict, markers: dict[str, dict], now: float) -> dict[str,
             timed_rows = sum(int(m.get("rows", 0)) for m in markers.values() if shard_span(m))
             extras["wall_images_per_second"] = timed_rows / wall
         if remaining and end > start:
-            # The pace of the latest shards only: a run resumed a day later must not count the
+            # The pace of the latest units only: a run resumed a day later must not count the
             # idle day. Whole-run pace (all workers together), not one actor's.
             recent = sorted(spans, key=lambda span: span[1])[-ETA_WINDOW:]
             window = end - min(s for s, _ in recent)

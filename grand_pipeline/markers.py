@@ -11,12 +11,14 @@ import platform
 import time
 from typing import Any
 
+from grand_pipeline.units import split_unit_id
+
 logger = logging.getLogger(__name__)
 
 
 def marker_record(
     level: int,
-    shard: str,
+    unit: str,
     attempt: int,
     stats: dict[str, Any],
     counts: dict[str, Any],
@@ -27,7 +29,7 @@ def marker_record(
     differ = {k: stats[k] for k in counts if k in stats and stats[k] != counts[k]}
     if differ:
         # The table is the truth; a caller's differing count is a bug worth seeing, not storing.
-        logger.warning("level %d shard %s: stats %r differ from the table; kept %r", level, shard, differ, counts)
+        logger.warning("level %d unit %s: stats %r differ from the table; kept %r", level, unit, differ, counts)
     seconds = float(stats.get("seconds", 0.0) or 0.0)
     rate = counts["rows"] / seconds if seconds > 0 else 0.0
     now = time.time()
@@ -35,7 +37,8 @@ def marker_record(
     record.update(counts)
     record.update(
         level=level,
-        shard=shard,
+        unit=unit,
+        shard=split_unit_id(unit)[0],
         attempt=attempt,
         generation=generation,
         host=stats.get("host") or platform.node(),

@@ -24,7 +24,7 @@ from grand_pipeline.store import Store
 @dataclass
 class LevelPlan:
     level: int
-    shards_measured: int
+    units_measured: int
     images_measured: int
     seconds_per_image: float
     """Seconds one actor spends per image (sum of shard durations / images)."""
@@ -32,7 +32,7 @@ class LevelPlan:
     gpus_per_actor: float
     cpus_per_actor: float
     actors: int = 0
-    shards_remaining: int = 0
+    units_remaining: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -53,7 +53,7 @@ class Plan:
     gpus: float
     levels: list[LevelPlan]
     unmeasured: list[int] = field(default_factory=list)
-    images_per_shard: float = 0.0
+    images_per_unit: float = 0.0
 
     @property
     def images_per_s(self) -> float:
@@ -67,9 +67,9 @@ class Plan:
     def eta_s(self) -> float:
         """Levels run concurrently, so the remaining time is that of the slowest level's backlog."""
         times = [
-            lv.shards_remaining * self.images_per_shard / lv.images_per_s
+            lv.units_remaining * self.images_per_unit / lv.images_per_s
             for lv in self.levels
-            if lv.shards_remaining and lv.images_per_s > 0
+            if lv.units_remaining and lv.images_per_s > 0
         ]
         return max(times, default=0.0)
 
@@ -86,16 +86,18 @@ def measure(store: Store, cfg: GrandConfig, level: int) -> LevelPlan | None:
             stages[stage] = stages.get(stage, 0.0) + float(value)
     pool = cfg.pool(level)
     known = set(store.known_shards(level)) | set(store.known_shards())
+    counts = store.unit_counts()  # a shard not indexed yet counts as one unit
+    total_units = sum(counts.get(shard, 1) for shard in known)
     return LevelPlan(
         level=level,
-        shards_measured=len(markers),
+        units_measured=len(markers),
         images_measured=images,
         seconds_per_image=seconds / images,
         stage_seconds_per_image={k: v / images for k, v in sorted(stages.items())},
         # PoolConfig.num_gpus may be absent in configs of older versions.
         gpus_per_actor=float(getattr(pool, "num_gpus", 0.0) or 0.0),
         cpus_per_actor=float(getattr(pool, "num_cpus", 1.0) or 0.0),
-        shards_remaining=len(known - set(markers)),
+        units_remaining=max(total_units - len(markers), 0),
     )
 
 
@@ -152,6 +154,6 @@ def make_plan(cfg: GrandConfig, output_uri: str, gpus: float, levels: list[int] 
             unmeasured.append(level)
     allocate(measured, gpus)
     images = sum(lv.images_measured for lv in measured)
-    shards = sum(lv.shards_measured for lv in measured)
+    shards = sum(lv.units_measured for lv in measured)
     return Plan(gpus=gpus, levels=measured, unmeasured=unmeasured,
-                images_per_shard=images / shards if shards else 0.0)
+                images_per_unit=images / shards if shards else 0.0)

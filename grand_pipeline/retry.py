@@ -1,12 +1,12 @@
 """``grand retry-failed --level N``: recompute only the images that failed.
 
-For every committed shard of level N with error rows, the error rows are recomputed; then, for
-each later level committed for that shard, the rows of those same images are recomputed too
+For every committed unit of level N with error rows, the error rows are recomputed; then, for
+each later level committed for that unit, the rows of those same images are recomputed too
 (their inputs changed). Every other row is kept as it was: the new table is the old one with
 just those rows swapped in (an Arrow ``take``, no Python round trip), so untouched rows keep
-their exact values. Each rewritten shard goes through :meth:`Store.commit` with ``replace``:
+their exact values. Each rewritten unit goes through :meth:`Store.commit` with ``replace``:
 a fresh claim, the old marker removed, the new Parquet published, a new marker written last.
-A kill in between leaves the shard uncommitted, and ``grand run`` recomputes it whole.
+A kill in between leaves the unit uncommitted, and ``grand run`` recomputes it whole.
 
 The work runs in-process (no Ray): failed images are few, and the runners load once per level.
 """
@@ -27,17 +27,18 @@ from grand_pipeline.engine.runner import LevelRunner
 from grand_pipeline.schemas import STATUS_ERROR
 from grand_pipeline.sources import list_shards
 from grand_pipeline.store import Store, StoreError
+from grand_pipeline.units import UnitRef, split_unit_id
 
 logger = logging.getLogger(__name__)
 
-#: Marker fields carried over from the original commit: the retry does not redo the shard.
+#: Marker fields carried over from the original commit: the retry does not redo the unit.
 _KEPT = ("seconds", "stage_seconds", "started", "finished", "host", "models", "config_hash")
 
 
 @dataclass
 class RetrySummary:
     attempt: int = 0
-    #: level -> shard -> image ids recomputed there
+    #: level -> unit -> image ids recomputed there
     recomputed: dict[int, dict[str, list[str]]] = field(default_factory=dict)
     #: level -> images that are ok now among those recomputed at the retried level
     fixed: int = 0
@@ -58,7 +59,7 @@ def splice(old: pa.Table, new_rows: pa.Table) -> pa.Table:
     ]
     missing = set(position) - set(old.column("image_id").to_pylist())
     if missing:
-        raise StoreError(f"recomputed rows for images not in the shard: {sorted(missing)[:5]}")
+        raise StoreError(f"recomputed rows for images not in the unit: {sorted(missing)[:5]}")
     combined = pa.concat_tables([old, new_rows.cast(old.schema)]).combine_chunks()
     return combined.take(pa.array(indices, pa.int64()))
 
@@ -85,27 +86,26 @@ def retry_failed(
     later = [lv for lv in store.levels_present() if lv > level]
     summary = RetrySummary()
     todo = {}
-    for shard in sorted(store.committed(level)):
-        ids = failed_ids(store.read(level, shard, columns=["image_id", "status"]))
+    for unit in sorted(store.committed(level)):
+        ids = failed_ids(store.read(level, unit, columns=["image_id", "status"]))
         if ids:
-            if shard not in refs:
-                raise StoreError(f"shard {shard} is not in the input {source}")
-            todo[shard] = ids
-    emit({"type": "plan", "shards": len(todo), "images": sum(map(len, todo.values()))})
+            todo[unit] = ids
+    emit({"type": "plan", "units": len(todo), "images": sum(map(len, todo.values()))})
     if not todo:
         return summary
+    units = _unit_refs(store, refs, todo, source)
     summary.attempt = store.next_attempt()
     runners: dict[int, LevelRunner] = {}
-    for shard, ids in todo.items():
+    for unit, ids in todo.items():
         for lv in [level, *later]:
-            if lv != level and shard not in store.committed(lv):
+            if lv != level and unit not in store.committed(lv):
                 break  # the next `grand run` computes it, from the new level below
             runner = runners.get(lv) or runners.setdefault(lv, LevelRunner(cfg, lv))
             started = time.perf_counter()
-            new_rows, _ = runner.run_shard(refs[shard], output_uri, only=set(ids))
-            old = store.read(lv, shard)
+            new_rows, _ = runner.run_unit(units[unit], output_uri, only=set(ids))
+            old = store.read(lv, unit)
             table = splice(old, new_rows)
-            marker = store.marker(lv, shard) or {}
+            marker = store.marker(lv, unit) or {}
             stats = {k: marker[k] for k in _KEPT if k in marker}
             stats.update(
                 retried_images=len(ids),
@@ -113,13 +113,26 @@ def retry_failed(
                 retry_attempt=summary.attempt,
                 retried_at=time.time(),
             )
-            if not store.commit(lv, shard, table, stats, summary.attempt, replace=True):
-                raise StoreError(f"level {lv} shard {shard}: another attempt holds the commit; rerun later")
-            summary.recomputed.setdefault(lv, {})[shard] = list(ids)
+            if not store.commit(lv, unit, table, stats, summary.attempt, replace=True):
+                raise StoreError(f"level {lv} unit {unit}: another attempt holds the commit; rerun later")
+            summary.recomputed.setdefault(lv, {})[unit] = list(ids)
             if lv == level:
                 fixed = len(ids) - len(failed_ids(new_rows))
                 summary.fixed += fixed
                 summary.still_failed += len(ids) - fixed
-            emit({"type": "retried", "level": lv, "shard": shard, "images": len(ids)})
-            logger.info("level %d shard %s: %d image(s) recomputed", lv, shard, len(ids))
+            emit({"type": "retried", "level": lv, "unit": unit, "images": len(ids)})
+            logger.info("level %d unit %s: %d image(s) recomputed", lv, unit, len(ids))
     return summary
+
+
+def _unit_refs(store: Store, refs: dict, todo: dict[str, list[str]], source: str) -> dict[str, UnitRef]:
+    """unit id -> UnitRef for the units to retry, from the shards' stored indexes."""
+    out: dict[str, UnitRef] = {}
+    for shard in sorted({split_unit_id(unit)[0] for unit in todo}):
+        if shard not in refs:
+            raise StoreError(f"shard {shard} is not in the input {source}")
+        index = store.read_index(shard)
+        if index is None:
+            raise StoreError(f"shard {shard} has committed units but no stored unit index in {store.uri}")
+        out.update({unit.unit_id: unit for unit in index.units(refs[shard])})
+    return out

@@ -3,13 +3,17 @@
 Layout under ``OUT`` (a local path or any fsspec URI)::
 
     OUT/_run/config.yaml, run.json, shards.json
+    OUT/_run/units/{shard}.json          the shard's index: image ids in order, unit size, offsets
     OUT/_run/attempts/{n:06d}.json        attempt n, created exclusively (who: host, pid)
-    OUT/level{N}/{shard}.parquet
-    OUT/level{N}/{shard}.success.json     commit marker, written LAST
-    OUT/level{N}/_claims/{shard}/{g:06d}.json   commit claims, created exclusively (the commit log)
+    OUT/level{N}/{unit}.parquet           unit = {shard}@{k:05d} (:mod:`grand_pipeline.units`)
+    OUT/level{N}/{unit}.success.json      commit marker, written LAST
+    OUT/level{N}/_claims/{unit}/{g:06d}.json    commit claims, created exclusively (the commit log)
     OUT/level{N}/_staging/...             temporary files of in-flight (or killed) commits
 
-A (level, shard) is done only when its marker parses and the Parquet next to it has the size and
+The unit of commit is a sub-shard unit of at most ``engine.unit_images`` images. Outputs written
+before units (``level{N}/{shard}.parquet``) are refused with one line (:class:`OldLayout`).
+
+A (level, unit) is done only when its marker parses and the Parquet next to it has the size and
 sha256 the marker records. Every write goes to a staging name first and is then published by
 :meth:`Store._publish`, so a kill at any moment leaves either the old state or the new one, plus
 staging debris that :meth:`Store.clear_staging` removes. The Parquet bytes are a pure function of
@@ -24,7 +28,7 @@ Parquet's size and sha256) a shard is still all-or-nothing.
 
 Marker fields (JSON; the dashboard and ``grand plan`` read them):
 
-- identity: ``level``, ``shard``, ``attempt`` (run attempt that committed), ``generation``
+- identity: ``level``, ``unit``, ``shard``, ``attempt`` (run attempt that committed), ``generation``
   (its claim), ``host``, ``config_hash``, ``models``, ``parquet_bytes``, ``parquet_sha256``;
 - counts, from the table: ``images`` (= ``rows``), ``ok``, ``errors`` (= ``failed``),
   ``errors_by_stage`` (= ``failures_by_stage``, stage -> count);
@@ -44,6 +48,7 @@ import os
 import posixpath
 import re
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -55,6 +60,7 @@ from fsspec.implementations.local import LocalFileSystem
 from grand_pipeline import fencing
 from grand_pipeline.markers import marker_record
 from grand_pipeline.schemas import STATUS_ERROR, STATUS_OK, level_schema
+from grand_pipeline.units import UNIT_ID_RE, ShardIndex, UnitError, split_unit_id
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +70,11 @@ RUN_DIR = "_run"
 _SHARD_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _LEVEL_DIR_RE = re.compile(r"^level(\d+)$")
 _STAGED_ATTEMPT_RE = re.compile(r"\.a(\d+)\.[0-9a-f]{32}")
-_MARKER_REQUIRED = ("level", "shard", "attempt", "rows", "parquet_bytes", "parquet_sha256")
+_MARKER_REQUIRED = ("level", "unit", "attempt", "rows", "parquet_bytes", "parquet_sha256")
+UNITS_DIR = "units"
+#: Rows per Parquet row group: later levels stream a unit's rows a group at a time, so memory
+#: follows the micro-batch rather than the unit. Pinned, like every other option.
+ROW_GROUP_ROWS = 64
 
 # Every option is pinned, not left to pyarrow's defaults, so that a default changing between
 # versions cannot silently make a rerun's bytes differ. Arrow writes no timestamps into Parquet;
@@ -77,6 +87,7 @@ _PARQUET_OPTIONS: dict[str, Any] = dict(
     version="2.6",
     data_page_version="1.0",
     store_schema=True,
+    row_group_size=ROW_GROUP_ROWS,
 )
 
 
@@ -122,7 +133,20 @@ class SchemaMismatch(StoreError):
 
 
 class NotCommitted(StoreError):
-    """A read asked for a (level, shard) that has no valid commit."""
+    """A read asked for a (level, unit) that has no valid commit."""
+
+
+class OldLayout(StoreError):
+    """The output was written before sub-shard units (one Parquet per shard)."""
+
+
+def check_unit_id(unit: str) -> str:
+    try:
+        shard, _ = split_unit_id(unit)
+    except UnitError as exc:
+        raise StoreError(str(exc)) from None
+    check_shard_id(shard)
+    return unit
 
 
 def check_shard_id(shard: str) -> str:
@@ -137,6 +161,15 @@ def _check_level(level: int) -> int:
     if isinstance(level, bool) or not isinstance(level, int) or level < 0:
         raise StoreError(f"invalid level {level!r}: expected a non-negative integer")
     return level
+
+
+def _refuse_old_layout(directory: str, marker_names: list[str]) -> None:
+    old = [n for n in marker_names if _SHARD_RE.match(n) and not UNIT_ID_RE.match(n)]
+    if old:
+        raise OldLayout(
+            f"{directory} holds per-shard commits written before sub-shard units (e.g. {old[0]}{MARKER_SUFFIX}); "
+            "this version cannot resume them: write to a new --output folder"
+        )
 
 
 def _first_difference(got: pa.Schema, want: pa.Schema) -> str:
@@ -189,19 +222,19 @@ class Store:
     def level_dir(self, level: int) -> str:
         return self._path(f"level{_check_level(level)}")
 
-    def parquet_path(self, level: int, shard: str) -> str:
-        return posixpath.join(self.level_dir(level), f"{check_shard_id(shard)}.parquet")
+    def parquet_path(self, level: int, unit: str) -> str:
+        return posixpath.join(self.level_dir(level), f"{check_unit_id(unit)}.parquet")
 
-    def marker_path(self, level: int, shard: str) -> str:
-        return posixpath.join(self.level_dir(level), f"{check_shard_id(shard)}{MARKER_SUFFIX}")
+    def marker_path(self, level: int, unit: str) -> str:
+        return posixpath.join(self.level_dir(level), f"{check_unit_id(unit)}{MARKER_SUFFIX}")
 
     def _staging_path(self, directory: str, name: str, attempt: int | None = None) -> str:
         # The attempt tag lets clear_staging spare the files of attempts that still run.
         tag = self.attempt if attempt is None else attempt
         return posixpath.join(directory, STAGING, f"{name}.a{tag}.{uuid.uuid4().hex}")
 
-    def claim_dir(self, level: int, shard: str) -> str:
-        return fencing.claim_dir(self.level_dir(level), check_shard_id(shard))
+    def claim_dir(self, level: int, unit: str) -> str:
+        return fencing.claim_dir(self.level_dir(level), check_unit_id(unit))
 
     # ---- low-level IO ------------------------------------------------------------------------
     def _makedirs(self, directory: str) -> None:
@@ -242,20 +275,20 @@ class Store:
 
     # ---- commit protocol ---------------------------------------------------------------------
     def commit(
-        self, level: int, shard: str, table: pa.Table, stats: dict, attempt: int, replace: bool = False
+        self, level: int, unit: str, table: pa.Table, stats: dict, attempt: int, replace: bool = False
     ) -> bool:
-        """Publish ``table`` as (level, shard). False when another commit is valid (fenced) or
+        """Publish ``table`` as (level, unit). False when another commit is valid (fenced) or
         another live attempt holds the claim; the caller's staging is discarded either way.
 
         Order: stage Parquet, claim (:mod:`grand_pipeline.fencing`), publish Parquet, publish
         marker. A crash before the marker leaves a Parquet without marker, which is not committed
-        and is overwritten next time. ``replace`` rewrites a committed shard (retry-failed): the
+        and is overwritten next time. ``replace`` rewrites a committed unit (retry-failed): the
         old marker is removed before the new Parquet is published.
         """
         declared = level_schema(level)
         if not table.schema.equals(declared, check_metadata=False):
-            raise SchemaMismatch(f"level {level} shard {shard}: {_first_difference(table.schema, declared)}")
-        final, marker = self.parquet_path(level, shard), self.marker_path(level, shard)
+            raise SchemaMismatch(f"level {level} unit {unit}: {_first_difference(table.schema, declared)}")
+        final, marker = self.parquet_path(level, unit), self.marker_path(level, unit)
 
         # Rebuild on the declared schema (drops any schema metadata, e.g. pandas') and merge
         # chunks, so that how the caller batched its rows cannot change the bytes written.
@@ -263,21 +296,21 @@ class Store:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, **_PARQUET_OPTIONS)
         data = sink.getvalue().to_pybytes()
-        staged = self._staging_path(self.level_dir(level), shard, attempt) + ".parquet"
+        staged = self._staging_path(self.level_dir(level), unit, attempt) + ".parquet"
         self._makedirs(posixpath.dirname(staged))
         self.fs.pipe_file(staged, data)
-        claims = self.claim_dir(level, shard)
+        claims = self.claim_dir(level, unit)
         try:
-            if not replace and self.is_committed(level, shard):
-                logger.info("level %d shard %s already committed; attempt %d discarded", level, shard, attempt)
+            if not replace and self.is_committed(level, unit):
+                logger.info("level %d unit %s already committed; attempt %d discarded", level, unit, attempt)
                 return False
             claim = fencing.acquire(
-                self.fs, claims, attempt, lambda: self.is_committed(level, shard), self.claim_wait_s,
+                self.fs, claims, attempt, lambda: self.is_committed(level, unit), self.claim_wait_s,
                 replace=replace,
             )
             if claim.state != "own":
                 logger.info(
-                    "level %d shard %s: %s by attempt %s; attempt %d discarded", level, shard,
+                    "level %d unit %s: %s by attempt %s; attempt %d discarded", level, unit,
                     claim.state, (claim.record or {}).get("attempt"), attempt,
                 )
                 return False
@@ -287,19 +320,19 @@ class Store:
         finally:
             self._remove(staged)
 
-        record = marker_record(level, shard, attempt, stats, table_counts(table), data, claim.generation)
+        record = marker_record(level, unit, attempt, stats, table_counts(table), data, claim.generation)
         if not fencing.still_owner(self.fs, claims, claim.generation):
             # Presumed dead (lease expired) and taken over while publishing: the new holder
             # writes the marker. The Parquet bytes are the same whoever published them.
-            logger.warning("level %d shard %s: claim taken over; attempt %d leaves the marker", level, shard, attempt)
+            logger.warning("level %d unit %s: claim taken over; attempt %d leaves the marker", level, unit, attempt)
             return False
         self._write_atomic(marker, json.dumps(record, sort_keys=True, indent=1).encode())
         logger.info(
-            "committed level %d shard %s (%d rows, attempt %d)", level, shard, record["rows"], attempt
+            "committed level %d unit %s (%d rows, attempt %d)", level, unit, record["rows"], attempt
         )
         return True
 
-    def _parse_marker(self, level: int, shard: str, raw: bytes | None, path: str) -> dict | None:
+    def _parse_marker(self, level: int, unit: str, raw: bytes | None, path: str) -> dict | None:
         if raw is None:
             return None
         try:
@@ -310,22 +343,22 @@ class Store:
             not isinstance(data, dict)
             or any(k not in data for k in _MARKER_REQUIRED)
             or data["level"] != level
-            or data["shard"] != shard
+            or data["unit"] != unit
         ):
             logger.warning("ignoring unparseable commit marker %s", path)
             return None
         return data
 
-    def marker(self, level: int, shard: str) -> dict | None:
-        path = self.marker_path(level, shard)
-        return self._parse_marker(level, shard, self._read_bytes(path), path)
+    def marker(self, level: int, unit: str) -> dict | None:
+        path = self.marker_path(level, unit)
+        return self._parse_marker(level, unit, self._read_bytes(path), path)
 
-    def is_committed(self, level: int, shard: str) -> bool:
+    def is_committed(self, level: int, unit: str) -> bool:
         """Marker parses and the Parquet has the size and sha256 it records (reads the Parquet)."""
-        record = self.marker(level, shard)
+        record = self.marker(level, unit)
         if record is None:
             return False
-        path = self.parquet_path(level, shard)
+        path = self.parquet_path(level, unit)
         try:
             if self.fs.size(path) != record["parquet_bytes"]:
                 return False
@@ -334,7 +367,7 @@ class Store:
         return self._sha256_of(path) == record["parquet_sha256"]
 
     def committed(self, level: int, verify: bool = False) -> dict[str, dict]:
-        """shard -> marker for every valid commit of ``level``, from one directory listing.
+        """unit -> marker for every valid commit of ``level``, from one directory listing.
 
         Without ``verify`` a commit is valid when its marker parses and the listed Parquet has
         the recorded size; hashing every Parquet of a level is left to ``verify=True``.
@@ -345,41 +378,55 @@ class Store:
         except FileNotFoundError:
             return {}
         sizes = {posixpath.basename(e["name"].rstrip("/")): e.get("size") for e in entries}
-        shards = sorted(n[: -len(MARKER_SUFFIX)] for n in sizes if n.endswith(MARKER_SUFFIX))
-        shards = [s for s in shards if _SHARD_RE.match(s) and ".." not in s and not s.startswith(".")]
-        paths = {s: posixpath.join(directory, s + MARKER_SUFFIX) for s in shards}
+        names = sorted(n[: -len(MARKER_SUFFIX)] for n in sizes if n.endswith(MARKER_SUFFIX))
+        _refuse_old_layout(directory, names)
+        units = [n for n in names if UNIT_ID_RE.match(n) and ".." not in n and not n.startswith(".")]
+        paths = {u: posixpath.join(directory, u + MARKER_SUFFIX) for u in units}
         blobs = self.fs.cat(list(paths.values()), on_error="omit") if paths else {}
         blobs = {self.fs._strip_protocol(k): v for k, v in blobs.items()}
         out: dict[str, dict] = {}
-        for shard, path in paths.items():
-            record = self._parse_marker(level, shard, blobs.get(self.fs._strip_protocol(path)), path)
-            if record is None or sizes.get(f"{shard}.parquet") != record["parquet_bytes"]:
+        for unit, path in paths.items():
+            record = self._parse_marker(level, unit, blobs.get(self.fs._strip_protocol(path)), path)
+            if record is None or sizes.get(f"{unit}.parquet") != record["parquet_bytes"]:
                 continue
-            if verify and self._sha256_of(self.parquet_path(level, shard)) != record["parquet_sha256"]:
+            if verify and self._sha256_of(self.parquet_path(level, unit)) != record["parquet_sha256"]:
                 continue
-            out[shard] = record
+            out[unit] = record
         return out
 
-    def read(self, level: int, shard: str, columns: list[str] | None = None) -> pa.Table:
+    def read(self, level: int, unit: str, columns: list[str] | None = None) -> pa.Table:
         """The committed table. The bytes are checked against the marker before they are parsed."""
-        record = self.marker(level, shard)
-        data = self._read_bytes(self.parquet_path(level, shard)) if record else None
+        record = self.marker(level, unit)
+        data = self._read_bytes(self.parquet_path(level, unit)) if record else None
         if (
             record is None
             or data is None
             or len(data) != record["parquet_bytes"]
             or hashlib.sha256(data).hexdigest() != record["parquet_sha256"]
         ):
-            raise NotCommitted(f"level {level} shard {shard} is not committed in {self.uri}")
+            raise NotCommitted(f"level {level} unit {unit} is not committed in {self.uri}")
         # use_threads=False: with pyarrow 26, a threaded Parquet read leaves pool threads that
         # abort the interpreter at exit now and then ("terminate called without an active
-        # exception"). One shard is decoded per call; parallelism comes from running shards.
+        # exception"). One unit is decoded per call; parallelism comes from running shards.
         return pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False)
 
-    def clear(self, level: int, shard: str) -> None:
-        # Marker first: once it is gone the shard is uncommitted, whatever happens to the rest.
-        self._remove(self.marker_path(level, shard))
-        self._remove(self.parquet_path(level, shard))
+    def iter_batches(
+        self, level: int, unit: str, columns: list[str] | None = None, batch_size: int = ROW_GROUP_ROWS
+    ) -> Iterator[pa.RecordBatch]:
+        """The committed rows a batch at a time, so memory follows ``batch_size``, not the unit.
+
+        The file is checked against its marker (size and a streamed sha256) before it is parsed.
+        """
+        if not self.is_committed(level, unit):
+            raise NotCommitted(f"level {level} unit {unit} is not committed in {self.uri}")
+        with self.fs.open(self.parquet_path(level, unit), "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            yield from parquet.iter_batches(batch_size=batch_size, columns=columns, use_threads=False)
+
+    def clear(self, level: int, unit: str) -> None:
+        # Marker first: once it is gone the unit is uncommitted, whatever happens to the rest.
+        self._remove(self.marker_path(level, unit))
+        self._remove(self.parquet_path(level, unit))
 
     def clear_staging(self, level: int) -> None:
         """Remove leftovers of dead attempts; files of attempts that may still run are kept."""
@@ -397,6 +444,32 @@ class Store:
                 live[attempt] = record is not None and fencing.is_live(record, lease_s=6 * 3600)
             if not live.get(attempt, False):
                 self._remove(name)
+
+    def clear_shard(self, level: int, shard: str) -> None:
+        """Uncommit every unit of ``shard`` at ``level`` (``--mode overwrite``)."""
+        prefix = f"{check_shard_id(shard)}@"
+        for unit in self.committed(level):
+            if unit.startswith(prefix):
+                self.clear(level, unit)
+
+    # ---- shard indexes (the split into units) -------------------------------------------------
+    def read_index(self, shard: str) -> ShardIndex | None:
+        """The stored index of ``shard``, or None before its first Level-1 run."""
+        doc = self._read_json(self._path(RUN_DIR, UNITS_DIR, f"{check_shard_id(shard)}.json"))
+        if doc is None:
+            return None
+        try:
+            return ShardIndex.from_doc(doc, shard)
+        except UnitError as exc:
+            raise StoreError(str(exc)) from None
+
+    def write_index(self, index: ShardIndex) -> None:
+        path = self._path(RUN_DIR, UNITS_DIR, f"{check_shard_id(index.shard_id)}.json")
+        self._write_atomic(path, json.dumps(index.to_doc(), sort_keys=True).encode())
+        self.record_units(index.shard_id, index.num_units)
+
+    def drop_index(self, shard: str) -> None:
+        self._remove(self._path(RUN_DIR, UNITS_DIR, f"{check_shard_id(shard)}.json"))
 
     # ---- run metadata ------------------------------------------------------------------------
     def _run_path(self, name: str) -> str:
@@ -430,8 +503,12 @@ class Store:
     def _shards_doc(self) -> dict:
         data = self._read_json(self._run_path("shards.json"))
         if not isinstance(data, dict):
-            return {"shards": [], "by_level": {}}
-        return {"shards": list(data.get("shards", [])), "by_level": dict(data.get("by_level", {}))}
+            return {"shards": [], "by_level": {}, "units": {}}
+        return {
+            "shards": list(data.get("shards", [])),
+            "by_level": dict(data.get("by_level", {})),
+            "units": dict(data.get("units", {})),
+        }
 
     def record_shards(self, level: int | None, shard_ids: list[str]) -> None:
         """Add ``shard_ids`` to the run's known input shards (and to ``level``'s, if given)."""
@@ -442,6 +519,15 @@ class Store:
             key = str(_check_level(level))
             doc["by_level"][key] = sorted(set(doc["by_level"].get(key, [])) | ids)
         self._write_atomic(self._run_path("shards.json"), json.dumps(doc, sort_keys=True, indent=1).encode())
+
+    def record_units(self, shard: str, count: int) -> None:
+        """Remember how many units ``shard`` has (``status`` reads counts, never whole indexes)."""
+        doc = self._shards_doc()
+        doc["units"][check_shard_id(shard)] = int(count)
+        self._write_atomic(self._run_path("shards.json"), json.dumps(doc, sort_keys=True, indent=1).encode())
+
+    def unit_counts(self) -> dict[str, int]:
+        return dict(self._shards_doc()["units"])
 
     def known_shards(self, level: int | None = None) -> list[str]:
         """The run's known shards; for ``level``, its own list when one was recorded."""
@@ -469,25 +555,38 @@ class Store:
         return sorted(int(m.group(1)) for n in names if (m := _LEVEL_DIR_RE.match(n)))
 
     def status(self, levels: list[int] | None = None) -> dict:
-        """JSON-ready progress summary. Matrix keys are level numbers as strings (JSON keys)."""
+        """JSON-ready progress summary. Matrix keys are level numbers as strings (JSON keys).
+
+        Progress is counted in units (the unit of commit); a shard whose index is not stored yet
+        counts as one unit. ``matrix`` is per shard: committed (every unit), partial or missing.
+        """
         known = self.known_shards()
+        unit_counts = self.unit_counts()
         wanted = sorted(set(levels or []) | set(self.levels_present()))
-        summaries, matrix_levels = [], {}
+        summaries, per_shard = [], {}
         for level in wanted:
             markers = self.committed(level)
             if not markers and level not in (levels or []):
                 continue
+            done: dict[str, int] = {}
+            for unit in markers:
+                shard = split_unit_id(unit)[0]
+                done[shard] = done.get(shard, 0) + 1
+            shards = set(self.known_shards(level)) | set(done)
             rows = sum(m["rows"] for m in markers.values())
             seconds = sum(float(m.get("seconds") or 0.0) for m in markers.values())
             by_stage: dict[str, int] = {}
             for m in markers.values():
                 for stage, n in (m.get("failures_by_stage") or {}).items():
                     by_stage[stage] = by_stage.get(stage, 0) + int(n)
+            totals = {shard: max(unit_counts.get(shard, 1), done.get(shard, 0)) for shard in shards}
             summaries.append(
                 {
                     "level": level,
-                    "shards_committed": len(markers),
-                    "shards_total": len(set(self.known_shards(level)) | set(markers)),
+                    "units_committed": len(markers),
+                    "units_total": sum(totals.values()),
+                    "shards_committed": sum(1 for s in shards if done.get(s, 0) >= totals[s]),
+                    "shards_total": len(shards),
                     "images_ok": sum(int(m.get("ok", 0)) for m in markers.values()),
                     "images_failed": sum(int(m.get("failed", 0)) for m in markers.values()),
                     "failures_by_stage": dict(sorted(by_stage.items())),
@@ -495,10 +594,14 @@ class Store:
                     "images_per_second": rows / seconds if seconds > 0 else 0.0,
                 }
             )
-            matrix_levels[level] = markers
-        all_shards = sorted(set(known).union(*(set(m) for m in matrix_levels.values())))
+            per_shard[level] = (done, totals)
+        all_shards = sorted(set(known).union(*(set(t) for _, t in per_shard.values())))
         matrix = {
-            shard: {str(lv): ("committed" if shard in m else "missing") for lv, m in matrix_levels.items()}
+            shard: {str(lv): _shard_state(done.get(shard, 0), totals.get(shard, 1)) for lv, (done, totals) in per_shard.items()}
             for shard in all_shards
         }
         return {"shards": known, "levels": summaries, "matrix": matrix}
+
+
+def _shard_state(done: int, total: int) -> str:
+    return "committed" if done >= total else ("partial" if done else "missing")

@@ -1,8 +1,12 @@
-"""The driver: decides which (level, shard) pairs to run, streams them through the executor with
-bounded in-flight work, commits each result, and retries failed shards a bounded number of times.
+"""The driver: decides which (level, unit) pairs to run, streams them through the executor with
+bounded in-flight work, commits each result, and retries failed units a bounded number of times.
 
-Level L of a shard becomes ready once level L-1 of that shard is committed, either before this
-run or during it; so with ``--levels 1-4`` shards flow through the pools without a barrier.
+Shards are split into sub-shard units (:mod:`grand_pipeline.units`). A shard's index is read from
+the output when a Level-1 run stored it before; otherwise it is computed (a header-only pass)
+a few shards ahead in threads while the pools work, stored, and its units are queued then.
+
+Level L of a unit becomes ready once level L-1 of that unit is committed, either before this run
+or during it; so with ``--levels 1-4`` units flow through the pools without a barrier.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import subprocess
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -20,9 +25,10 @@ from typing import Any, Literal
 from grand_pipeline.config import GrandConfig
 from grand_pipeline.engine.executors import EXECUTORS, Outcome
 from grand_pipeline.models.weights import check_sources
-from grand_pipeline.sources import list_shards
+from grand_pipeline.sources import index_shard, list_shards
 from grand_pipeline.sources.base import ShardRef
-from grand_pipeline.store import Store
+from grand_pipeline.store import Store, StoreError
+from grand_pipeline.units import ShardIndex, UnitRef
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +57,7 @@ class RunSummary:
     blocked: dict[int, list[str]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     fenced: dict[int, int] = field(default_factory=dict)
-    """(level, shard)s finished here but committed by another attempt of the same run."""
+    """(level, unit)s finished here but committed by another attempt of the same run."""
     seconds: float = 0.0
 
 
@@ -84,25 +90,92 @@ def model_specs(models: Any) -> list[tuple[str, Any]]:
     return out
 
 
-def plan(store: Store, shards: list[ShardRef], levels: list[int]) -> tuple[deque, RunSummary]:
-    """Initial ready queue: for each shard, its first requested level that is not yet committed."""
+class UnitPlanner:
+    """Shards -> units. Stored indexes are used as they are (their unit size must match the
+    config); missing ones are computed ``lookahead`` shards ahead in threads, then stored."""
+
+    def __init__(self, store: Store, unit_images: int, lookahead: int = 2) -> None:
+        self.store = store
+        self.unit_images = unit_images
+        self.lookahead = lookahead
+        self.todo: deque[ShardRef] = deque()
+        self._futures: dict[str, Future] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def stored(self, ref: ShardRef) -> ShardIndex | None:
+        index = self.store.read_index(ref.shard_id)
+        if index is not None and index.unit_images != self.unit_images:
+            raise StoreError(
+                f"shard {ref.shard_id} of {self.store.uri} is split into units of {index.unit_images} images; "
+                f"run with --set engine.unit_images={index.unit_images}, or write to a new --output"
+            )
+        return index
+
+    def _start(self) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=max(1, self.lookahead), thread_name_prefix="grand-index")
+        for ref in list(self.todo)[: self.lookahead]:
+            if ref.shard_id not in self._futures:
+                self._futures[ref.shard_id] = self._pool.submit(index_shard, ref)
+
+    def next(self) -> tuple[ShardRef, ShardIndex]:
+        """Index the next shard of ``todo`` (its read was started ahead), store and return it."""
+        self._start()
+        ref = self.todo.popleft()
+        ids, offsets = self._futures.pop(ref.shard_id).result()
+        self._start()
+        index = ShardIndex(ref.shard_id, self.unit_images, tuple(ids), None if offsets is None else tuple(offsets))
+        self.store.write_index(index)
+        logger.info("shard %s: %d images in %d unit(s)", ref.shard_id, len(ids), index.num_units)
+        return ref, index
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _expand(
+    index: ShardIndex, ref: ShardRef, levels: list[int], committed: dict[int, set[str]],
+    ready: deque, summary: RunSummary,
+) -> dict[int, int]:
+    """Queue each unit's first requested level that is not committed; count planned work."""
+    planned: dict[int, int] = {}
+    for unit in index.units(ref):
+        uid = unit.unit_id
+        for lvl in levels:
+            if uid in committed.get(lvl, set()):
+                summary.skipped[lvl] = summary.skipped.get(lvl, 0) + 1
+            else:
+                planned[lvl] = planned.get(lvl, 0) + 1
+        for lvl in levels:
+            if uid in committed.get(lvl, set()):
+                continue
+            if lvl == 1 or uid in committed.get(lvl - 1, set()):
+                ready.append((lvl, unit))
+            else:
+                summary.blocked.setdefault(lvl, []).append(uid)
+            break
+    for lvl, n in planned.items():
+        summary.planned[lvl] = summary.planned.get(lvl, 0) + n
+    return planned
+
+
+def plan(
+    store: Store, shards: list[ShardRef], levels: list[int], planner: UnitPlanner
+) -> tuple[deque, RunSummary]:
+    """Initial ready queue from the stored indexes; shards without one go to ``planner.todo``
+    when Level 1 is requested (they are indexed lazily), else they are blocked."""
     summary = RunSummary(planned={lvl: 0 for lvl in levels})
-    ready: deque[tuple[int, ShardRef]] = deque()
+    ready: deque[tuple[int, UnitRef]] = deque()
     committed = {lvl: set(store.committed(lvl)) for lvl in set(levels) | {min(levels) - 1} if lvl >= 1}
     for ref in shards:
-        for lvl in levels:
-            if ref.shard_id in committed[lvl]:
-                summary.skipped[lvl] = summary.skipped.get(lvl, 0) + 1
-                continue
-            summary.planned[lvl] += 1
-        for lvl in levels:
-            if ref.shard_id in committed[lvl]:
-                continue
-            if lvl == 1 or ref.shard_id in committed.get(lvl - 1, set()):
-                ready.append((lvl, ref))
-            else:
-                summary.blocked.setdefault(lvl, []).append(ref.shard_id)
-            break
+        index = planner.stored(ref)
+        if index is not None:
+            _expand(index, ref, levels, committed, ready, summary)
+        elif 1 in levels:
+            planner.todo.append(ref)
+        else:
+            summary.blocked.setdefault(min(levels), []).append(ref.shard_id)
     return ready, summary
 
 
@@ -120,25 +193,28 @@ def run(
         shards = shards[: request.limit]
     store.record_shards(None, [ref.shard_id for ref in shards])
     if request.mode == "overwrite":
-        for lvl in request.levels:
-            for ref in shards:
-                store.clear(lvl, ref.shard_id)
+        for ref in shards:
+            for lvl in request.levels:
+                store.clear_shard(lvl, ref.shard_id)
+            if 1 in request.levels:
+                store.drop_index(ref.shard_id)  # a new unit size takes effect from Level 1
     for lvl in request.levels:
         store.clear_staging(lvl)
 
-    ready, summary = plan(store, shards, request.levels)
+    planner = UnitPlanner(store, cfg.engine.unit_images)
+    ready, summary = plan(store, shards, request.levels, planner)
     first = min(request.levels)
-    if not ready and summary.blocked.get(first):
+    if not ready and not planner.todo and summary.blocked.get(first):
         raise NothingToRun(
             f"level {first} needs level {first - 1} committed, and no selected shard has it; "
             f"run `grand run --level {first - 1}` first"
         )
-    if ready:
+    if ready or planner.todo:
         # Every configured model must be cached or fetchable before any actor starts: an offline
         # cluster fails here in seconds, naming the model, instead of in every actor's retry loop.
         check_sources(model_specs(cfg.models))
     emit({"type": "plan", "planned": dict(summary.planned), "skipped": dict(summary.skipped)})
-    if not ready:
+    if not ready and not planner.todo:
         summary.seconds = time.perf_counter() - started
         return summary
 
@@ -146,12 +222,13 @@ def run(
     store.write_run_meta(cfg.to_yaml(), _run_info(cfg, request, attempt, {}))
     exec_name = executor or cfg.engine.executor
     backend = EXECUTORS.get(exec_name)(cfg, request.output_uri)
-    backend.metrics.shards_planned(summary.planned)  # ETA = (planned - committed) / commit rate
     retries: dict[tuple[int, str], int] = {}
     models: dict[str, Any] = {}
     waiting: dict[int, int] = {lvl: 0 for lvl in request.levels}
     try:
-        while ready or any(waiting.values()):
+        while ready or planner.todo or any(waiting.values()):
+            _index_more(planner, backend, ready, waiting, request.levels, summary, emit)
+            backend.metrics.shards_planned(summary.planned)  # ETA = (planned - committed) / rate
             ready = _fill(backend, ready, waiting)
             for outcome in backend.wait():
                 waiting[outcome.level] -= 1
@@ -160,27 +237,37 @@ def run(
                     ready.append(follow)
                 elif (
                     outcome.level + 1 in request.levels
-                    and store.marker(outcome.level, outcome.ref.shard_id) is not None
+                    and store.marker(outcome.level, outcome.unit.unit_id) is not None
                 ):
-                    ready.append((outcome.level + 1, outcome.ref))
-            _release_drained(backend, request.levels, ready, waiting)
+                    ready.append((outcome.level + 1, outcome.unit))
+            _release_drained(backend, request.levels, ready, waiting, bool(planner.todo))
     finally:
+        planner.close()
         backend.shutdown()
     store.write_run_meta(cfg.to_yaml(), _run_info(cfg, request, attempt, models))
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _release_drained(backend, levels: list[int], ready: deque, waiting: dict[int, int]) -> None:
+def _index_more(planner, backend, ready: deque, waiting: dict[int, int], levels, summary, emit) -> None:
+    """Queue the units of the next unindexed shard while Level 1 has room and nothing queued."""
+    while planner.todo and waiting[1] + sum(1 for lvl, _ in ready if lvl == 1) < backend.capacity(1):
+        ref, index = planner.next()
+        added = _expand(index, ref, levels, {}, ready, summary)
+        emit({"type": "units", "shard": ref.shard_id, "planned": added})
+
+
+def _release_drained(backend, levels: list[int], ready: deque, waiting: dict[int, int], more: bool) -> None:
     """Give back the actors of every level that can receive no more work in this run.
 
     Work only flows upwards, so a level is drained once it and every level below it have nothing
-    queued or in flight. Releasing matters where pools cannot all fit at once (one small machine
-    running levels 1-4): the next level's actors get the freed CPUs/GPUs instead of waiting forever.
+    queued or in flight (and, for Level 1, no shard left to index). Releasing matters where pools
+    cannot all fit at once (one small machine running levels 1-4): the next level's actors get the
+    freed CPUs/GPUs instead of waiting forever.
     """
     queued = {level for level, _ in ready}
     for level in sorted(levels):
-        if level in queued or waiting[level]:
+        if level in queued or waiting[level] or (level == 1 and more):
             return
         backend.release(level)
 
@@ -189,49 +276,49 @@ def _fill(backend, ready: deque, waiting: dict[int, int]) -> deque:
     """Submit ready work while each level's pool has room; the rest waits (backpressure)."""
     held: deque = deque()
     while ready:
-        level, ref = ready.popleft()
+        level, unit = ready.popleft()
         if waiting[level] < backend.capacity(level):
-            backend.submit(level, ref)
+            backend.submit(level, unit)
             waiting[level] += 1
         else:
-            held.append((level, ref))
+            held.append((level, unit))
     return held
 
 
 def _finish(cfg, store, outcome: Outcome, attempt, retries, summary, emit, models, metrics):
-    """Commit a finished shard, or return it for a retry while the retry budget lasts."""
-    key = (outcome.level, outcome.ref.shard_id)
+    """Commit a finished unit, or return it for a retry while the retry budget lasts."""
+    uid = outcome.unit.unit_id
+    key = (outcome.level, uid)
     committed = False
     if outcome.table is not None:
         stats = dict(outcome.stats)
         stats["attempt_retries"] = retries.get(key, 0)
         try:
-            committed = store.commit(outcome.level, outcome.ref.shard_id, outcome.table, stats, attempt)
+            committed = store.commit(outcome.level, uid, outcome.table, stats, attempt)
         except OSError as exc:
-            # A failed upload (network, throttling, a full disk) costs one retry of the shard; the
+            # A failed upload (network, throttling, a full disk) costs one retry of the unit; the
             # staging it left is removed by the next run's clear_staging.
-            outcome = Outcome(outcome.level, outcome.ref, error=f"commit failed: {exc!r}")
+            outcome = Outcome(outcome.level, outcome.unit, error=f"commit failed: {exc!r}")
     if outcome.table is None:
         retries[key] = retries.get(key, 0) + 1
-        emit({"type": "shard_error", "level": outcome.level, "shard": outcome.ref.shard_id,
+        emit({"type": "unit_error", "level": outcome.level, "unit": uid,
               "error": outcome.error, "retry": retries[key]})
         metrics.shard_failed(outcome.level)
         if retries[key] <= cfg.engine.max_shard_retries:
-            logger.warning("level %d shard %s failed (%s); retry %d",
-                           outcome.level, outcome.ref.shard_id, outcome.error, retries[key])
-            return (outcome.level, outcome.ref)
-        summary.failed[f"level{outcome.level}/{outcome.ref.shard_id}"] = outcome.error or "failed"
+            logger.warning("level %d unit %s failed (%s); retry %d", outcome.level, uid, outcome.error, retries[key])
+            return (outcome.level, outcome.unit)
+        summary.failed[f"level{outcome.level}/{uid}"] = outcome.error or "failed"
         return None
     models.update(stats.get("models", {}))
-    marker = store.marker(outcome.level, outcome.ref.shard_id) or {}
+    marker = store.marker(outcome.level, uid) or {}
     if committed:
         metrics.shard_committed(outcome.level)
     else:
         summary.fenced[outcome.level] = summary.fenced.get(outcome.level, 0) + 1
-        logger.warning("level %d shard %s was committed by attempt %s, not by this attempt %d",
-                       outcome.level, outcome.ref.shard_id, marker.get("attempt"), attempt)
+        logger.warning("level %d unit %s was committed by attempt %s, not by this attempt %d",
+                       outcome.level, uid, marker.get("attempt"), attempt)
     summary.committed[outcome.level] = summary.committed.get(outcome.level, 0) + int(committed)
-    emit({"type": "committed", "level": outcome.level, "shard": outcome.ref.shard_id,
+    emit({"type": "committed", "level": outcome.level, "unit": uid,
           "rows": marker.get("rows", outcome.table.num_rows), "ok": marker.get("ok"),
           "failed": marker.get("failed"), "seconds": stats.get("seconds"),
           "attempt": marker.get("attempt"), "by_this_attempt": committed})

@@ -1,9 +1,10 @@
-"""Executors: where a (level, shard) runs. ``local`` runs in-process; ``ray`` uses one actor pool
+"""Executors: where a (level, unit) runs. ``local`` runs in-process; ``ray`` uses one actor pool
 per level, sized and placed from ``cfg.pools["levelN"]``.
 
-Both expose the same three calls to the driver: ``capacity(level)``, ``submit(level, ref)`` and
-``wait()``, which returns finished ``Outcome``s. A shard whose actor died comes back with
-``actor_died=True``; the Ray pool has already replaced that actor by then.
+Both expose the same three calls to the driver: ``capacity(level)``, ``submit(level, unit)`` and
+``wait()``, which returns finished ``Outcome``s. A unit whose actor died comes back with
+``actor_died=True``; the Ray pool has already replaced that actor by then. A runner that fails its
+start-up probe (:class:`StartupFailed`) is not retried: it is raised to the driver.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Any
 import pyarrow as pa
 
 from grand_pipeline.config import GrandConfig
-from grand_pipeline.engine.runner import LevelRunner
+from grand_pipeline.engine.runner import LevelRunner, StartupFailed
 from grand_pipeline.metrics import PipelineMetrics
 from grand_pipeline.registry import Registry
-from grand_pipeline.sources.base import ShardRef
+from grand_pipeline.units import UnitRef
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Outcome:
     level: int
-    ref: ShardRef
+    unit: UnitRef
     table: pa.Table | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -45,7 +46,7 @@ class Executor:
     def capacity(self, level: int) -> int:
         raise NotImplementedError
 
-    def submit(self, level: int, ref: ShardRef) -> None:
+    def submit(self, level: int, unit: UnitRef) -> None:
         raise NotImplementedError
 
     def wait(self) -> list[Outcome]:
@@ -67,7 +68,7 @@ EXECUTORS: Registry[type[Executor]] = Registry("executor")
 
 @EXECUTORS.register("local")
 class LocalExecutor(Executor):
-    """Runs each shard synchronously in this process; for debugging and small jobs."""
+    """Runs each unit synchronously in this process; for debugging and small jobs."""
 
     def __init__(self, cfg: GrandConfig, output_uri: str) -> None:
         self.cfg = cfg
@@ -82,15 +83,15 @@ class LocalExecutor(Executor):
     def in_flight(self, level: int) -> int:
         return 0
 
-    def submit(self, level: int, ref: ShardRef) -> None:
+    def submit(self, level: int, unit: UnitRef) -> None:
+        if level not in self._runners:
+            self._runners[level] = LevelRunner(self.cfg, level, self.metrics)  # StartupFailed: fatal
         try:
-            if level not in self._runners:
-                self._runners[level] = LevelRunner(self.cfg, level, self.metrics)
-            table, stats = self._runners[level].run_shard(ref, self.output_uri)
-            self._done.append(Outcome(level, ref, table, stats))
+            table, stats = self._runners[level].run_unit(unit, self.output_uri)
+            self._done.append(Outcome(level, unit, table, stats))
         except Exception as exc:  # noqa: BLE001 - reported to the driver, which retries
-            logger.debug("shard %s level %d failed:\n%s", ref.shard_id, level, traceback.format_exc())
-            self._done.append(Outcome(level, ref, error=f"{type(exc).__name__}: {exc}"))
+            logger.debug("unit %s level %d failed:\n%s", unit.unit_id, level, traceback.format_exc())
+            self._done.append(Outcome(level, unit, error=f"{type(exc).__name__}: {exc}"))
 
     def wait(self) -> list[Outcome]:
         done = list(self._done)
@@ -116,13 +117,13 @@ class _LevelActor:
     def ready(self) -> bool:
         return True
 
-    def run_shard(self, ref: ShardRef, output_uri: str) -> tuple[pa.Table, dict[str, Any]]:
-        return self.runner.run_shard(ref, output_uri)
+    def run_unit(self, unit: UnitRef, output_uri: str) -> tuple[pa.Table, dict[str, Any]]:
+        return self.runner.run_unit(unit, output_uri)
 
 
 @EXECUTORS.register("ray")
 class RayExecutor(Executor):
-    """One actor pool per level with bounded in-flight shards per actor (backpressure)."""
+    """One actor pool per level with bounded in-flight units per actor (backpressure)."""
 
     def __init__(self, cfg: GrandConfig, output_uri: str) -> None:
         import ray
@@ -145,7 +146,7 @@ class RayExecutor(Executor):
         self._actor_cls = ray.remote(_LevelActor)
         self._actors: dict[int, list[Any]] = {}
         self._load: dict[int, list[int]] = {}
-        self._pending: dict[Any, tuple[int, int, ShardRef]] = {}
+        self._pending: dict[Any, tuple[int, int, UnitRef]] = {}
 
     def _new_actor(self, level: int) -> Any:
         pool = self.cfg.pool(level)
@@ -176,13 +177,13 @@ class RayExecutor(Executor):
     def in_flight(self, level: int) -> int:
         return sum(self._load.get(level, []))
 
-    def submit(self, level: int, ref: ShardRef) -> None:
+    def submit(self, level: int, unit: UnitRef) -> None:
         actors = self._pool(level)
         loads = self._load[level]
         index = min(range(len(actors)), key=loads.__getitem__)
-        handle = actors[index].run_shard.remote(ref, self.output_uri)
+        handle = actors[index].run_unit.remote(unit, self.output_uri)
         loads[index] += 1
-        self._pending[handle] = (level, index, ref)
+        self._pending[handle] = (level, index, unit)
         self.metrics.in_flight(level, self.in_flight(level))
 
     def wait(self) -> list[Outcome]:
@@ -191,18 +192,21 @@ class RayExecutor(Executor):
         ready, _ = self.ray.wait(list(self._pending), num_returns=1)
         outcomes = []
         for handle in ready:
-            level, index, ref = self._pending.pop(handle)
+            level, index, unit = self._pending.pop(handle)
             self._load[level][index] -= 1
             try:
                 table, stats = self.ray.get(handle)
-                outcomes.append(Outcome(level, ref, table, stats))
+                outcomes.append(Outcome(level, unit, table, stats))
             except self.ray.exceptions.RayActorError as exc:
-                logger.warning("actor of level %d died on shard %s; replacing it", level, ref.shard_id)
+                startup = _startup_failure(exc)
+                if startup is not None:  # the constructor's probe failed: every actor would
+                    raise StartupFailed(startup) from None
+                logger.warning("actor of level %d died on unit %s; replacing it", level, unit.unit_id)
                 self._replace(level, index)
-                outcomes.append(Outcome(level, ref, error=f"actor died: {exc}", actor_died=True))
+                outcomes.append(Outcome(level, unit, error=f"actor died: {exc}", actor_died=True))
             except self.ray.exceptions.RayTaskError as exc:
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                outcomes.append(Outcome(level, ref, error=f"{type(cause).__name__}: {cause}"))
+                outcomes.append(Outcome(level, unit, error=f"{type(cause).__name__}: {cause}"))
             self.metrics.in_flight(level, self.in_flight(level))
         return outcomes
 
@@ -226,3 +230,12 @@ class RayExecutor(Executor):
             self.release(level)
         if self._owns_ray:
             self.ray.shutdown()
+
+
+def _startup_failure(exc: BaseException) -> str | None:
+    """The one-line reason when an actor died in its constructor's start-up probe."""
+    text = str(exc)
+    marker = f"{StartupFailed.__name__}: "
+    if marker not in text:
+        return None
+    return text[text.rindex(marker) + len(marker) :].strip().splitlines()[0]

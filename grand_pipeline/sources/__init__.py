@@ -24,7 +24,7 @@ from .base import (
     safe_id,
 )
 from .folder import folder_image_id, iter_image_folder
-from .sa1b import iter_sa1b_tar, write_sa1b_tar
+from .sa1b import index_sa1b_tar, iter_sa1b_tar, write_sa1b_tar
 
 __all__ = [
     "SHARD_ID_RE",
@@ -36,7 +36,9 @@ __all__ = [
     "decode_image",
     "iter_image_folder",
     "iter_sa1b_tar",
+    "index_shard",
     "iter_shard",
+    "iter_unit_items",
     "list_shards",
     "read_images",
     "safe_id",
@@ -48,11 +50,17 @@ logger = logging.getLogger(__name__)
 _TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")  # longest first: "x.tar.gz" -> "x"
 _IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
-Reader = Callable[[ShardRef, Collection[str] | None], Iterator[SourceImage]]
-# A registry rather than if/elif, so a new input kind is one entry here.
+Reader = Callable[[ShardRef, Collection[str] | None, int], Iterator[SourceImage]]
+Indexer = Callable[[ShardRef], tuple[list[str], list[int] | None]]
+# A registry rather than if/elif, so a new input kind is one entry here: its reader and its
+# indexer (image ids in reader order, and byte offsets where a unit can seek to its first image).
 _READERS: dict[str, Reader] = {
     "sa1b_tar": iter_sa1b_tar,
     "image_folder": iter_image_folder,
+}
+_INDEXERS: dict[str, Indexer] = {
+    "sa1b_tar": index_sa1b_tar,
+    "image_folder": lambda ref: ([folder_image_id(uri) for uri in ref.members], None),
 }
 
 
@@ -149,12 +157,41 @@ def list_shards(input_uri: str, shards_glob: str | None = None, folder_chunk: in
     return refs
 
 
-def iter_shard(ref: ShardRef, only: Collection[str] | None = None) -> Iterator[SourceImage]:
-    """Stream the images of one shard (optionally only the given image ids)."""
+def iter_shard(ref: ShardRef, only: Collection[str] | None = None, start: int = 0) -> Iterator[SourceImage]:
+    """Stream the images of one shard (optionally only the given image ids, from byte ``start``
+    where the kind has offsets)."""
     reader = _READERS.get(ref.kind)
     if reader is None:
         raise SourceError(f"unknown shard kind {ref.kind!r}; known kinds: {', '.join(sorted(_READERS))}")
-    return reader(ref, only)
+    return reader(ref, only, start)
+
+
+def index_shard(ref: ShardRef) -> tuple[list[str], list[int] | None]:
+    """(image ids in reader order, member offsets or None): what sub-shard units are cut from."""
+    indexer = _INDEXERS.get(ref.kind)
+    if indexer is None:
+        raise SourceError(f"unknown shard kind {ref.kind!r}; known kinds: {', '.join(sorted(_INDEXERS))}")
+    return indexer(ref)
+
+
+def iter_unit_items(ref: ShardRef, image_ids: Collection[str], start: int = 0) -> Iterator[SourceImage]:
+    """Stream the items of ``image_ids`` (one unit) in reader order, from byte ``start`` of a tar;
+    stops reading as soon as every wanted id was seen, so a unit reads only its own bytes."""
+    wanted = set(image_ids)
+    if not wanted:
+        return
+    it = iter_shard(ref, wanted, start)
+    seen = 0
+    try:
+        for item in it:
+            yield item
+            seen += 1
+            if seen == len(wanted):
+                break
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()  # closes the tar stream now, not at garbage collection
 
 
 def read_images(ref: ShardRef, image_ids: set[str]) -> dict[str, SourceImage]:

@@ -18,8 +18,11 @@ def folder_image_id(uri: str) -> str:
     return safe_id(PurePosixPath(uri.rstrip("/")).stem, strict=False)
 
 
-def iter_image_folder(ref: ShardRef, only: Collection[str] | None = None) -> Iterator[SourceImage]:
-    """Yield each member file of the chunk with its raw bytes.
+def iter_image_folder(
+    ref: ShardRef, only: Collection[str] | None = None, start: int = 0
+) -> Iterator[SourceImage]:
+    """Yield each member file of the chunk with its raw bytes (``start`` is unused: files are
+    opened one by one, so there is nothing to seek past).
 
     ``annotations`` is None (no masks) and width/height stay None: they are only known
     once the pixels are decoded. A file that cannot be read becomes an error item.

@@ -68,6 +68,7 @@ class _Pending:
     image: _Half | None = None
     meta: _Half | None = None
     unsafe: bool = False
+    offset: int = -1  # byte offset of the first member's header; -1 when not seekable
 
 
 def _split_member(name: str) -> tuple[str, str, str]:
@@ -130,70 +131,100 @@ def _read_half(tf: tarfile.TarFile, member: tarfile.TarInfo, base: str) -> _Half
     return _Half(base, fh.read())  # a short read raises tarfile.ReadError (truncation)
 
 
-def iter_sa1b_tar(ref: ShardRef, only: Collection[str] | None = None) -> Iterator[SourceImage]:
+def iter_sa1b_tar(
+    ref: ShardRef, only: Collection[str] | None = None, start: int = 0
+) -> Iterator[SourceImage]:
     """Yield one :class:`SourceImage` per image of an SA-1B tar, in pair-completion order.
 
     ``only`` restricts the output to those image ids (their bytes are the only ones
-    read). Broken input never raises: it becomes items with ``error`` set, and a tar
-    that ends early adds one ``{shard_id}__truncated`` item.
+    read). ``start`` is the byte offset of a member header of an uncompressed tar (from
+    :func:`index_sa1b_tar`): a sub-shard unit seeks there instead of reading the bytes before it.
+    Broken input never raises: it becomes items with ``error`` set, and a tar that ends
+    early adds one ``{shard_id}__truncated`` item.
     """
+    for item, _ in _scan(ref, only, start, read_data=True, info={}):
+        yield item
+
+
+def index_sa1b_tar(ref: ShardRef) -> tuple[list[str], list[int] | None]:
+    """The image ids of a tar in the order :func:`iter_sa1b_tar` yields them, and the byte offset
+    of each item's first member header (None for a compressed tar, which cannot be entered
+    mid-way). Reads headers only: member data is skipped, never kept."""
+    ids, offsets, info = [], [], {}
+    for item, offset in _scan(ref, None, 0, read_data=False, info=info):
+        ids.append(item.image_id)
+        offsets.append(offset)
+    return ids, (offsets if info.get("plain", False) else None)
+
+
+def _scan(
+    ref: ShardRef, only: Collection[str] | None, start: int, read_data: bool, info: dict[str, Any]
+) -> Iterator[tuple[SourceImage, int]]:
+    """The pairing loop shared by reading and indexing: (item, offset of its first member), -1
+    where there is none to seek to. ``info["plain"]`` tells whether the tar is uncompressed."""
     pending: dict[str, _Pending] = {}  # insertion order = first-seen order
     done: set[str] = set()
     n_members = 0
     failure: str | None = None
+    plain = True  # uncompressed: member offsets are file offsets
     try:
-        with (
-            fsspec.open(ref.uri, "rb") as f,
-            tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndTrackingTarInfo) as tf,
-        ):
-            while (member := tf.next()) is not None:
-                n_members += 1
-                tf.members.clear()  # type: ignore[attr-defined]  # stream mode keeps every header
-                if not member.isreg():
-                    logger.debug("%s: skipping non-regular member %r", ref.shard_id, member.name)
-                    continue
-                base, stem, suffix = _split_member(member.name)
-                if (suffix not in _IMAGE_SUFFIXES and suffix != _JSON_SUFFIX) or stem.startswith("."):
-                    logger.debug("%s: skipping unrelated member %r", ref.shard_id, member.name)
-                    continue
-                try:
-                    key, unsafe = safe_id(stem), False
-                except UnsafeIdError:
-                    key, unsafe = fallback_id(stem), True
-                if only is not None and key not in only:
-                    continue
-                slot = "meta" if suffix == _JSON_SUFFIX else "image"
-                p = pending.get(key) or _Pending(stem, unsafe=unsafe)
-                if key in done or getattr(p, slot) is not None:
-                    logger.warning("%s: duplicate member %r ignored", ref.shard_id, member.name)
-                    continue
-                try:
-                    setattr(p, slot, _read_half(tf, member, base))
-                except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-                    # Keep the id visible as its own error row, then end the stream below.
-                    setattr(p, slot, _Half(base, None, f"member {base} unreadable: {e}"))
+        with fsspec.open(ref.uri, "rb") as f:
+            if start:
+                f.seek(start)
+            # "r|" (not "r|*") after a seek: compression is only detected at the start of a file.
+            with tarfile.open(fileobj=f, mode="r|" if start else "r|*", tarinfo=_EndTrackingTarInfo) as tf:
+                plain = info["plain"] = getattr(tf.fileobj, "comptype", "tar") == "tar"
+                while (member := tf.next()) is not None:
+                    n_members += 1
+                    tf.members.clear()  # type: ignore[attr-defined]  # stream mode keeps every header
+                    if not member.isreg():
+                        logger.debug("%s: skipping non-regular member %r", ref.shard_id, member.name)
+                        continue
+                    base, stem, suffix = _split_member(member.name)
+                    if (suffix not in _IMAGE_SUFFIXES and suffix != _JSON_SUFFIX) or stem.startswith("."):
+                        logger.debug("%s: skipping unrelated member %r", ref.shard_id, member.name)
+                        continue
+                    try:
+                        key, unsafe = safe_id(stem), False
+                    except UnsafeIdError:
+                        key, unsafe = fallback_id(stem), True
+                    if only is not None and key not in only:
+                        continue
+                    slot = "meta" if suffix == _JSON_SUFFIX else "image"
+                    offset = start + member.offset if plain else -1
+                    p = pending.get(key) or _Pending(stem, unsafe=unsafe, offset=offset)
+                    if key in done or getattr(p, slot) is not None:
+                        logger.warning("%s: duplicate member %r ignored", ref.shard_id, member.name)
+                        continue
+                    try:
+                        half = _read_half(tf, member, base) if read_data else _Half(base, None)
+                        setattr(p, slot, half)
+                    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+                        # Keep the id visible as its own error row, then end the stream below.
+                        setattr(p, slot, _Half(base, None, f"member {base} unreadable: {e}"))
+                        pending[key] = p
+                        raise
                     pending[key] = p
-                    raise
-                pending[key] = p
-                if p.image is not None and p.meta is not None:
-                    del pending[key]
-                    done.add(key)
-                    yield _build(key, ref.shard_id, p)
-            end = getattr(tf, _END_ATTR, None)
-            if not isinstance(end, tarfile.EOFHeaderError):  # type: ignore[attr-defined]
-                failure = f"no end-of-archive marker ({end or 'stream ended'})"
+                    if p.image is not None and p.meta is not None:
+                        del pending[key]
+                        done.add(key)
+                        yield _build(key, ref.shard_id, p), p.offset
+                end = getattr(tf, _END_ATTR, None)
+                if not isinstance(end, tarfile.EOFHeaderError):  # type: ignore[attr-defined]
+                    failure = f"no end-of-archive marker ({end or 'stream ended'})"
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         failure = f"{type(e).__name__}: {e}"
 
     # Half pairs: their partner never arrived (or the stream broke before it did).
     for key, p in pending.items():
-        yield _build(key, ref.shard_id, p)
+        yield _build(key, ref.shard_id, p), p.offset
     if failure is not None:
         msg = f"truncated tar after {n_members} members: {failure}"
         logger.warning("%s (%s): %s", ref.shard_id, ref.uri, msg)
         trunc_id = f"{ref.shard_id}__truncated"
         if only is None or trunc_id in only:
-            yield SourceImage(trunc_id, ref.shard_id, "", None, None, None, None, error=msg)
+            # No member to seek to: -1 makes the unit that holds it read from the start.
+            yield SourceImage(trunc_id, ref.shard_id, "", None, None, None, None, error=msg), -1
 
 
 def _tar_info(name: str, size: int) -> tarfile.TarInfo:

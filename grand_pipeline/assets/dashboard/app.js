@@ -43,9 +43,11 @@ function renderLevels(levels) {
   for (const lv of levels) {
     const tr = el("tr", null, {"data-level": String(lv.level)});
     cell(tr, "level", lv.level);
+    cell(tr, "units_committed", lv.units_committed);
+    cell(tr, "units_total", lv.units_total);
     cell(tr, "shards_committed", lv.shards_committed);
     cell(tr, "shards_total", lv.shards_total);
-    const frac = lv.shards_total ? lv.shards_committed / lv.shards_total : 0;
+    const frac = lv.units_total ? lv.units_committed / lv.units_total : 0;
     const bar = el("span", null, {class: "bar", title: `${Math.round(frac * 100)}%`});
     const fill = el("span");
     fill.style.width = `${Math.round(frac * 100)}%`;
@@ -124,8 +126,9 @@ function renderMatrix(matrix) {
     tr.appendChild(el("td", shard));
     for (const lv of levels) {
       const state = matrix[shard][lv] || "missing";
-      tr.appendChild(el("td", state === "committed" ? "\u2713" : "\u00b7",
-        {class: state === "committed" ? "done" : "missing", "data-level": lv, "data-state": state}));
+      const mark = {committed: "\u2713", partial: "~"}[state] || "\u00b7";
+      tr.appendChild(el("td", mark,
+        {class: state === "committed" ? "done" : state, "data-level": lv, "data-state": state}));
     }
     body.appendChild(tr);
   }
