@@ -32,6 +32,21 @@ class StageContractError(RuntimeError):
     """A stage was handed records without the fields it requires (a wiring bug, not bad data)."""
 
 
+class StartupCheckFailed(RuntimeError):
+    """A stage's LLM failed its one tiny start-up generation: the run must stop before it takes a
+    shard, instead of committing rows whose every attempt says "generation failed"."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(f"LLM {model} failed its start-up generation: {reason}")
+        self.model = model
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[StartupCheckFailed], tuple[str, str]]:
+        # Raised inside a Ray actor and re-raised in the driver: pickle the two fields, not the
+        # formatted message (the default would call __init__ with one argument).
+        return type(self), (self.model, self.reason)
+
+
 @dataclass
 class ImageRecord:
     """One image travelling through a level's stages inside an actor."""
@@ -97,6 +112,21 @@ class Stage:
     def process(self, records: list[ImageRecord]) -> None:
         """Fill ``provides`` keys on every record (all are ``ok`` and meet ``requires``)."""
         raise NotImplementedError
+
+    def startup_check(self) -> None:
+        """Called once per actor after the stages are built, before any shard is taken.
+
+        Asks each of the stage's backends for ``startup_problem()``, which is a no-op (None) for
+        every backend except an LLM (and a backend that writes through one, like the lite
+        captioner): those run one tiny generation. So stages that use no LLM check nothing, and
+        LLM stages need no code of their own. Raises ``StartupCheckFailed`` on the first problem.
+        """
+        for key, backend in self.backends.items():
+            probe = getattr(backend, "startup_problem", None)
+            problem = probe() if callable(probe) else None
+            if problem is not None:
+                logger.error("stage %s: %s failed its start-up check: %s", self.name, key, problem.reason)
+                raise StartupCheckFailed(problem.model, problem.reason)
 
     def _check_contract(self, records: list[ImageRecord]) -> None:
         for record in records:

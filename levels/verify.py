@@ -6,6 +6,11 @@ get a regeneration prompt that names their problems, and only those are batched 
 round, up to ``max_attempts`` rounds. Every attempt is kept as an ``ATTEMPT`` dict, and an item
 whose attempts all fail keeps its best one with ``verified=False``: nothing is ever dropped.
 
+One exception: an item left without text because generation itself failed (an ``error``
+Generation: untemplatable prompt, over budget, engine or server failure) is not an answer at all.
+``fail_unanswered`` turns its record into an error row naming the generation error, so a broken
+LLM can never commit ``ok`` rows with empty captions.
+
 The text checks both levels use (sentence count, clean ending, forbidden wording) live here too.
 """
 
@@ -48,6 +53,21 @@ class Outcome:
     @property
     def regenerated(self) -> bool:
         return len(self.attempts) > 1
+
+    @property
+    def generation_error(self) -> str | None:
+        """The last generation error when it left the item without text, else None.
+
+        An empty answer the model did write (no error) is not a generation error: it stays an
+        unverified, empty result as before. Text from any attempt also wins over earlier errors.
+        """
+        if self.text:
+            return None
+        failed = [a for a in self.attempts if a["finish_reason"] == "error"]
+        if not failed:
+            return None
+        issues = failed[-1]["issues"]
+        return str(issues[0]) if issues else "generation failed: unknown error"
 
 
 def generation_issues(gen: Generation) -> list[str]:
@@ -145,6 +165,22 @@ def llm_generate(llm: LLM, temperature: float, first_temperature: float | None =
 def format_issues(issues: Iterable[str]) -> str:
     """Problems as one clause for a regeneration prompt."""
     return "; ".join(issues)
+
+
+def fail_unanswered(record: ImageRecord, stage: str, outcome: Outcome) -> bool:
+    """Make ``record`` an error row of ``stage`` when generation failed and left no text.
+
+    The error names the generation error ("generation failed: ...") and how many attempts were
+    made. Returns True when the record was failed.
+    """
+    error = outcome.generation_error
+    if error is None:
+        return False
+    tried = len(outcome.attempts)
+    message = f"{error} (no answer after {tried} attempt{'' if tried == 1 else 's'})"
+    logger.warning("%s: %s", record.image_id, message)
+    record.fail(stage, message)
+    return True
 
 
 def stamp_prompts(record: ImageRecord, templates: Iterable[PromptTemplate]) -> None:

@@ -30,8 +30,10 @@ def load(name: str) -> Any:
 def test_every_deploy_file_is_covered_and_parses() -> None:
     files = sorted(p.relative_to(DEPLOY).as_posix() for p in DEPLOY.rglob("*") if p.is_file())
     assert files == [
-        "cluster.yaml", "grafana/grand.json", "kuberay/raycluster.yaml", "kuberay/rayjob-glamm-train.yaml",
-        "kuberay/rayjob.yaml", "pools.yaml", "prometheus.yml", "runtime_env.yaml",
+        "cluster-full.yaml", "cluster.yaml", "grafana/grand.json", "kuberay/models-pvc.yaml",
+        "kuberay/raycluster-full.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob-full.yaml",
+        "kuberay/rayjob-glamm-train.yaml", "kuberay/rayjob.yaml", "pools-full.yaml", "pools.yaml",
+        "prometheus.yml", "runtime_env-full.yaml", "runtime_env.yaml",
     ]
     for name in files:
         data = json.loads((DEPLOY / name).read_text()) if name.endswith(".json") else load(name)
@@ -136,12 +138,13 @@ def test_runtime_envs_use_only_ray_fields() -> None:
         check_runtime_env({"env_var": {"A": "1"}})
 
 
-def test_cluster_launcher_yaml_follows_rays_own_schema() -> None:
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-full.yaml"])
+def test_cluster_launcher_yaml_follows_rays_own_schema(name: str) -> None:
     import jsonschema  # a dependency of ray
     import ray
 
     schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
-    config = load("cluster.yaml")
+    config = load(name)
     jsonschema.validate(config, schema)
     config["available_node_types"]["level1_gpu"]["min_worker"] = 0  # a typo must not pass
     with pytest.raises(jsonschema.ValidationError, match="min_worker"):
@@ -172,6 +175,381 @@ def test_each_level_has_its_own_worker_group_everywhere() -> None:
         assert launcher[groups[0]]["resources"][name] >= wanted
         assert [g for g, res in kuberay.items() if name in res] == [f"level{level}-gpu"]
         assert kuberay[f"level{level}-gpu"][name] >= wanted
+
+
+# ------------------------------------------------------------------------------ full profile
+#: The claim of the weights volume (kuberay/models-pvc.yaml) that every full-profile pod mounts.
+MODELS_CLAIM = "grand-models"
+#: Usable memory (GiB, as nvidia-smi reports it) of the GPUs the full manifests ask for, by the
+#: `nvidia.com/gpu.product` node label of NVIDIA's GPU feature discovery.
+GPU_GIB = {"NVIDIA-L40S": 44.9, "NVIDIA-H100-80GB-HBM3": 79.6}
+#: EC2 instance type -> (vCPUs, GPUs, GPU product) for the launcher's node types.
+INSTANCES = {
+    "g6e.4xlarge": (16, 1, "NVIDIA-L40S"),
+    "g6e.8xlarge": (32, 1, "NVIDIA-L40S"),
+    "p5.4xlarge": (16, 1, "NVIDIA-H100-80GB-HBM3"),
+}
+#: GPU memory in use by one actor of a vision level at full.yaml's batch sizes (GiB; README
+#: "GPU memory per level pool", the estimates full.yaml's pools carry).
+VISION_ACTOR_GIB = {1: 25.0, 2: 19.0}
+#: Vicuna-13B-v1.5 is Llama-2-13B: parameters, layers, hidden size (no grouped-query attention).
+VICUNA_13B = {"repo": "lmsys/vicuna-13b-v1.5", "params": 13.0e9, "layers": 40, "hidden": 5120}
+#: Full-length sequences whose KV cache must fit beside the weights, so that the profile's
+#: 64-prompt batches are not served a couple at a time.
+MIN_KV_SEQUENCES = 8
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2}
+
+
+def full_job() -> dict:
+    return load("kuberay/rayjob-full.yaml")
+
+
+def config_of(ctx: Any) -> Any:
+    """The typed config of a parsed ``grand run``: profile, the deploy file it names, every --set."""
+    params = ctx.params
+    assert params["config"].startswith(IMAGE_REPO + "deploy/")
+    local = DEPLOY.parent / params["config"][len(IMAGE_REPO):]
+    return load_config(params["profile"], local, params["set_"] or [])
+
+
+def full_config() -> Any:
+    return config_of(parse_grand(full_job()["spec"]["entrypoint"]))
+
+
+def spec_of(cfg: Any, key: str) -> Any:
+    """The ModelSpec behind a hub key (``tagger``, ``detectors.owlv2``), as ``ModelHub.spec`` reads it."""
+    head, _, member = key.partition(".")
+    return cfg.models.detectors[member] if head == "detectors" else getattr(cfg.models, head)
+
+
+def level_roles(cfg: Any) -> dict[int, list[str]]:
+    """Hub keys of the models each level's stages load, from the stages' own ``models``."""
+    import levels  # noqa: F401  (registers the built-in levels)
+    from levels.base import LEVELS as SPECS
+    from levels.level1.detect import DetectStage
+
+    out: dict[int, list[str]] = {}
+    for level in LEVELS:
+        keys: list[str] = []
+        for stage in SPECS.get(str(level)).stages:
+            if stage is DetectStage:  # the ensemble is configuration: asked from the hub member by member
+                keys += [f"detectors.{member}" for member in cfg.models.detectors]
+            keys += list(stage.models)
+        out[level] = list(dict.fromkeys(keys))
+    return out
+
+
+def weight_sources(spec: Any) -> list[str]:
+    """``model`` plus options that name weights too (e.g. YOLO-World's ``text_model``); packaged
+    weights (``package:``, empty: inside the image) are not sources to place."""
+    values = [spec.model] + [v for v in spec.options.values() if isinstance(v, str)]
+    return [v for v in values if v.startswith(("hf:", "tiny:", "/", "~", ".")) or "://" in v]
+
+
+def pip_requirements(env: dict) -> dict[str, Any]:
+    """Package name -> requirement of everything a runtime_env installs (pip or uv)."""
+    from packaging.requirements import Requirement
+
+    assert not env.get("conda"), "a conda runtime_env is not checked here"
+    out = {}
+    for name in ("pip", "uv"):
+        value = env.get(name) or []
+        packages = value.get("packages", []) if isinstance(value, dict) else value
+        assert isinstance(packages, list), f"{name}: list the packages (a requirements file is not checked)"
+        for line in packages:
+            req = Requirement(line)
+            out[req.name.lower()] = req
+    return out
+
+
+def actor_env(job_env: dict, pool_env: dict) -> dict:
+    """What a pool's actors run with: Ray merges the actor's runtime_env over the job's (fields
+    replaced, env_vars merged key by key)."""
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    return _merge_runtime_env(job_env, pool_env, override=True)
+
+
+def pod_templates(spec: dict) -> dict[str, dict]:
+    workers = {g["groupName"]: g["template"] for g in spec["workerGroupSpecs"]}
+    return {"head": spec["headGroupSpec"]["template"], **workers}
+
+
+def kuberay_nodes(spec: dict) -> dict[str, dict]:
+    """Worker group -> what one pod gives Ray (KubeRay derives CPU/GPU from the container limits)."""
+    nodes = {}
+    for group in spec["workerGroupSpecs"]:
+        (container,) = group["template"]["spec"]["containers"]
+        limits = container["resources"]["limits"]
+        # Guaranteed QoS: what Ray is told (the limits) is what the pod really holds.
+        assert container["resources"]["requests"] == limits, group["groupName"]
+        params = group["rayStartParams"]
+        assert "num-gpus" not in params and "num-cpus" not in params, "KubeRay takes them from the limits"
+        resources = {"CPU": float(limits["cpu"]), "GPU": float(limits.get("nvidia.com/gpu", 0))}
+        resources |= _group_resources(params)
+        product = group["template"]["spec"].get("nodeSelector", {}).get("nvidia.com/gpu.product")
+        assert not resources["GPU"] or product in GPU_GIB, (group["groupName"], product)
+        gpu_gib = GPU_GIB.get(product, 0.0)
+        nodes[group["groupName"]] = {"resources": resources, "max": group["maxReplicas"], "gpu_gib": gpu_gib}
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    return nodes
+
+
+def launcher_nodes(launcher: dict) -> dict[str, dict]:
+    nodes = {}
+    for name, node_type in launcher["available_node_types"].items():
+        if name == launcher["head_node_type"]:
+            continue
+        vcpus, gpus, product = INSTANCES[node_type["node_config"]["InstanceType"]]
+        resources = node_type["resources"]
+        # The autoscaler plans with these numbers: they must be the machine's.
+        assert (resources["CPU"], resources["GPU"]) == (vcpus, gpus), name
+        nodes[name] = {"resources": resources, "max": node_type["max_workers"], "gpu_gib": GPU_GIB[product]}
+    assert sum(n["max"] for n in nodes.values()) <= launcher["max_workers"]
+    return nodes
+
+
+def check_gpu_memory(cfg: Any, level: int, keys: list[str], gpu_gib: float) -> None:
+    pool = cfg.pool(level)
+    llms = [spec_of(cfg, k) for k in keys if spec_of(cfg, k).backend == "vllm"]
+    if not llms:
+        per_gpu = max(1, int(1 // pool.num_gpus))  # actors that share one GPU
+        assert per_gpu * VISION_ACTOR_GIB[level] <= gpu_gib, (level, per_gpu, gpu_gib)
+        return
+    (spec,) = llms
+    from grand_pipeline.models import weights
+
+    assert weights.parse_hf(spec.model)[0] == VICUNA_13B["repo"], "sized for Vicuna-13B: update VICUNA_13B"
+    options = spec.options
+    tp = int(options.get("tensor_parallel_size", 1))
+    # vLLM pre-allocates gpu_memory_utilization of every GPU it sees: whole GPUs, one per TP rank.
+    assert pool.num_gpus == tp, (level, pool.num_gpus, tp)
+    budget = float(options.get("gpu_memory_utilization", 0.9)) * gpu_gib * tp
+    weights_gib = VICUNA_13B["params"] * DTYPE_BYTES[spec.dtype] / 2**30
+    kv_per_token = 2 * VICUNA_13B["layers"] * VICUNA_13B["hidden"] * DTYPE_BYTES[spec.dtype]  # K and V
+    kv_per_sequence = kv_per_token * int(options["max_model_len"]) / 2**30
+    need = weights_gib + MIN_KV_SEQUENCES * kv_per_sequence
+    assert budget >= need, f"level {level}: {budget:.1f} GiB for vLLM < {need:.1f} GiB (weights + KV cache)"
+
+
+def check_full_placement(nodes: dict[str, dict], cfg: Any) -> None:
+    """Each level's pool lands on exactly one GPU group that can hold it, at the pool's size."""
+    roles = level_roles(cfg)
+    levels_of: dict[str, list[int]] = {}
+    for level in LEVELS:
+        pool, name = cfg.pool(level), f"grand_level{level}"
+        assert pool.resources == {name: 1.0}, level
+        assert pool.num_gpus > 0, f"level {level} runs full-size models: its pool must ask for a GPU"
+        groups = [g for g, node in nodes.items() if name in node["resources"]]
+        assert len(groups) == 1, (name, groups)
+        node = nodes[groups[0]]
+        res = node["resources"]
+        assert res["GPU"] >= pool.num_gpus, (level, groups[0])
+        per_node = min(res["GPU"] // pool.num_gpus, res["CPU"] // pool.num_cpus, res[name] // 1.0)
+        assert per_node >= 1, (level, groups[0])
+        assert pool.num_actors <= per_node * node["max"], (level, pool.num_actors, per_node, node["max"])
+        check_gpu_memory(cfg, level, roles[level], node["gpu_gib"])
+        levels_of.setdefault(groups[0], []).append(level)
+    # Levels that share a group (3 and 4) run at the same time: all their actors must fit at once.
+    for group, levels in levels_of.items():
+        node = nodes[group]
+        for field_name, res in (("num_gpus", "GPU"), ("num_cpus", "CPU")):
+            wanted = sum(cfg.pool(lvl).num_actors * getattr(cfg.pool(lvl), field_name) for lvl in levels)
+            assert wanted <= node["resources"][res] * node["max"], (group, res, wanted)
+    assert {g for g, n in nodes.items() if n["resources"].get("GPU")} == set(levels_of), "an unused GPU group"
+
+
+def test_full_rayjob_runs_the_full_profile_with_a_valid_config() -> None:
+    job = full_job()
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    ctx = parse_grand(job["spec"]["entrypoint"])
+    params = ctx.params
+    assert ctx.info_name == "run" and params["profile"] == "full" and params["levels"] == "1-4"
+    assert params["input"].startswith("s3://") and params["output"].startswith("s3://")
+    lite = parse_grand(load("kuberay/rayjob.yaml")["spec"]["entrypoint"]).params
+    assert params["output"] != lite["output"], "full and lite outputs have different config hashes"
+    assert params["config"] == IMAGE_REPO + "deploy/pools-full.yaml"
+    cfg = config_of(ctx)  # typed validation of the profile + pools-full.yaml + every --set
+    assert cfg.profile == "full" and cfg.engine.executor == "ray" and cfg.engine.ray_address == "auto"
+    # Every --set places a model's weights: a real key, whose value reached the typed config.
+    assert params["set_"]
+    for item in params["set_"]:
+        key, _, value = item.partition("=")
+        match = re.fullmatch(r"models\.((?:detectors\.)?\w+)\.model", key)
+        assert match and value.startswith("s3://"), item
+        assert spec_of(cfg, match.group(1)).model == value
+    # The brief's wording is not a key: the loader names the bad dotted key instead of ignoring it.
+    from grand_pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"models\.detectors\.rtdetr\.weights: unknown key"):
+        load_config("full", DEPLOY / "pools-full.yaml", ["models.detectors.rtdetr.weights=s3://b/rtdetr-x"])
+
+
+def test_full_runtime_envs_use_only_ray_fields() -> None:
+    cfg = full_config()
+    check_runtime_env(load("runtime_env-full.yaml"))
+    check_runtime_env(yaml.safe_load(full_job()["spec"]["runtimeEnvYAML"]))
+    for level in LEVELS:
+        check_runtime_env(cfg.pool(level).runtime_env)
+
+
+def test_vllm_is_installed_only_for_the_llm_levels() -> None:
+    cfg = full_config()
+    roles = level_roles(cfg)
+    # Which levels load the vLLM engine comes from the stages, not from this test.
+    needs = {lvl for lvl, keys in roles.items() if any(spec_of(cfg, k).backend == "vllm" for k in keys)}
+    assert needs == {3, 4}
+    job_envs = {
+        "kuberay/rayjob-full.yaml": yaml.safe_load(full_job()["spec"]["runtimeEnvYAML"]),
+        "runtime_env-full.yaml": load("runtime_env-full.yaml"),
+    }
+    for where, job_env in job_envs.items():
+        assert "vllm" not in json.dumps(job_env).lower(), f"{where}: vllm belongs to the level-3/4 pools only"
+        for level in LEVELS:
+            env = actor_env(job_env, cfg.pool(level).runtime_env)
+            check_runtime_env(env)
+            packages = pip_requirements(env)
+            assert ("vllm" in packages) == (level in needs), (where, level, sorted(packages))
+            if level in needs:
+                (pin,) = packages["vllm"].specifier
+                # Pinned, and new enough for llm_vllm.py (StructuredOutputsParams, vLLM >= 0.12).
+                assert pin.operator == "==" and tuple(map(int, pin.version.split(".")[:2])) >= (0, 12)
+                # The job's env_vars still reach the LLM actors: merged, not replaced.
+                assert job_env.get("env_vars", {}).items() <= env.get("env_vars", {}).items()
+            else:
+                assert "vllm" not in json.dumps(env).lower(), (where, level)
+    # Nothing else brings vllm in: not the images, the pods' env, nor the launcher's node setup.
+    for spec in (load("kuberay/raycluster-full.yaml")["spec"], full_job()["spec"]["rayClusterSpec"]):
+        for name, template in pod_templates(spec).items():
+            assert "vllm" not in json.dumps(template["spec"]["containers"]).lower(), name
+    launcher = load("cluster-full.yaml")
+    setup = launcher["setup_commands"] + launcher["initialization_commands"] + [launcher["docker"]["image"]]
+    assert not [c for c in setup if "vllm" in c.lower()]
+    for node_type in launcher["available_node_types"].values():
+        assert "setup_commands" not in json.dumps(node_type).lower()  # no per-group install either
+
+
+def test_full_pools_land_on_gpu_groups_that_hold_them() -> None:
+    cfg = full_config()
+    assert cfg.pools == load_config("full", DEPLOY / "pools-full.yaml").pools  # --set changes weights only
+    cluster = load("kuberay/raycluster-full.yaml")["spec"]
+    assert cluster == full_job()["spec"]["rayClusterSpec"], "the RayJob's cluster must match raycluster-full.yaml"
+    check_full_placement(kuberay_nodes(cluster), cfg)
+    launcher = load("cluster-full.yaml")
+    assert launcher["available_node_types"][launcher["head_node_type"]]["resources"] == {"CPU": 0}
+    check_full_placement(launcher_nodes(launcher), cfg)
+
+
+def test_full_placement_check_catches_a_misfit() -> None:
+    cfg = full_config()
+    nodes = kuberay_nodes(load("kuberay/raycluster-full.yaml")["spec"])
+    small = copy.deepcopy(nodes)
+    small["llm-gpu"]["gpu_gib"] = GPU_GIB["NVIDIA-L40S"]  # Vicuna-13B + KV cache does not fit 48 GB
+    with pytest.raises(AssertionError, match="level 3"):
+        check_full_placement(small, cfg)
+    no_gpu = copy.deepcopy(nodes)
+    no_gpu["level2-gpu"]["resources"]["GPU"] = 0.0
+    with pytest.raises(AssertionError):
+        check_full_placement(no_gpu, cfg)
+    few = copy.deepcopy(nodes)
+    few["llm-gpu"]["max"] = 4  # 4 + 4 LLM actors, one GPU each, on 4 nodes
+    with pytest.raises(AssertionError, match="llm-gpu"):
+        check_full_placement(few, cfg)
+
+
+def _under(path: str, mount: str) -> bool:
+    from pathlib import PurePosixPath
+
+    return PurePosixPath(path).is_absolute() and PurePosixPath(path).is_relative_to(mount)
+
+
+def check_weight_places(cfg: Any, env: dict[str, str], mount: str, where: str, monkeypatch: Any) -> None:
+    """Every weight source of every level is s3:// or lies on the volume mounted at ``mount``."""
+    from grand_pipeline.models import weights
+
+    assert _under(env["HF_HUB_CACHE"], mount), f"{where}: HF_HUB_CACHE is not on the models volume"
+    assert _under(env["GRAND_CACHE_DIR"], mount), f"{where}: GRAND_CACHE_DIR is not on the models volume"
+    monkeypatch.setenv("GRAND_CACHE_DIR", env["GRAND_CACHE_DIR"])
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    s3 = False
+    for level, keys in level_roles(cfg).items():
+        for key in keys:
+            for source in weight_sources(spec_of(cfg, key)):
+                what = f"{where}: level {level} models.{key}: {source}"
+                if source.startswith("hf:"):
+                    # Pinned to a commit: the volume holds exactly that snapshot, read without the hub.
+                    assert re.fullmatch(r"[0-9a-f]{40}", weights.parse_hf(source)[1]), what
+                elif source.startswith("s3://"):
+                    s3 = True
+                    # Copied once into GRAND_CACHE_DIR, i.e. onto the shared volume.
+                    assert _under(str(weights._remote_target(source)), mount), what
+                else:
+                    assert _under(source, mount), f"{what} is neither s3:// nor on the models volume"
+    # weights._resolve_remote refuses to copy an s3:// source while HF_HUB_OFFLINE is set.
+    assert not (s3 and weights.offline()), f"{where}: HF_HUB_OFFLINE is set but weights come from s3://"
+
+
+def test_full_weights_come_from_s3_or_the_models_volume(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = full_config()
+    claim = load("kuberay/models-pvc.yaml")
+    assert claim["kind"] == "PersistentVolumeClaim" and claim["metadata"]["name"] == MODELS_CLAIM
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "every pod of every group mounts it at once"
+    job_env = yaml.safe_load(full_job()["spec"]["runtimeEnvYAML"]).get("env_vars", {})
+    # The driver checks every source on the head before any actor starts: the head mounts it too.
+    for name, template in pod_templates(load("kuberay/raycluster-full.yaml")["spec"]).items():
+        (container,) = template["spec"]["containers"]
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        mounts = [m["mountPath"] for m in container["volumeMounts"]
+                  if volumes[m["name"]].get("persistentVolumeClaim", {}).get("claimName") == MODELS_CLAIM]
+        assert len(mounts) == 1, f"{name}: the models claim is not mounted once"
+        env = {e["name"]: e["value"] for e in container["env"]} | job_env  # runtime_env wins over the pod
+        with monkeypatch.context() as patch:
+            check_weight_places(cfg, env, mounts[0], name, patch)
+    # Launcher: the host's shared file system, bind-mounted into the container, named by runtime_env-full.yaml.
+    launcher = load("cluster-full.yaml")
+    binds = [o.split()[1].split(":") for o in launcher["docker"]["run_options"] if o.startswith("-v ")]
+    assert len(binds) == 1
+    host, mount = binds[0][:2]
+    assert any(re.search(rf"mount .* {re.escape(host)}\)?$", c) for c in launcher["initialization_commands"])
+    with monkeypatch.context() as patch:
+        check_weight_places(cfg, load("runtime_env-full.yaml")["env_vars"], mount, "cluster-full.yaml", patch)
+
+
+def test_weight_place_check_refuses_a_path_off_the_volume(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"HF_HUB_CACHE": "/models/hf-hub", "GRAND_CACHE_DIR": "/models/grand"}
+    cfg = load_config("full", DEPLOY / "pools-full.yaml", ["models.detectors.rtdetr.model=/opt/rtdetr-x"])
+    with pytest.raises(AssertionError, match="rtdetr"):
+        check_weight_places(cfg, env, "/models", "test", monkeypatch)
+    cfg = load_config("full", DEPLOY / "pools-full.yaml", ["models.llm.model=hf:lmsys/vicuna-13b-v1.5@main"])
+    with pytest.raises(AssertionError, match="llm"):
+        check_weight_places(cfg, env, "/models", "test", monkeypatch)
+    cfg = load_config("full", DEPLOY / "pools-full.yaml", ["models.llm.model=s3://b/vicuna"])
+    with pytest.raises(AssertionError, match="HF_HUB_OFFLINE"):
+        check_weight_places(cfg, env | {"HF_HUB_OFFLINE": "1"}, "/models", "test", monkeypatch)
+
+
+def test_full_cluster_keeps_token_auth_and_the_private_dashboard() -> None:
+    lite, full = load("kuberay/raycluster.yaml")["spec"], load("kuberay/raycluster-full.yaml")["spec"]
+    for spec in (full, full_job()["spec"]["rayClusterSpec"]):
+        assert spec["authOptions"] == lite["authOptions"] == {"mode": "token"}
+        assert spec["rayVersion"] == lite["rayVersion"]
+        # num-cpus 0 (no pool actor on the head), the dashboard on the pod network only, metrics port.
+        assert spec["headGroupSpec"]["rayStartParams"] == lite["headGroupSpec"]["rayStartParams"]
+        (head,) = spec["headGroupSpec"]["template"]["spec"]["containers"]
+        (lite_head,) = lite["headGroupSpec"]["template"]["spec"]["containers"]
+        assert head["ports"] == lite_head["ports"]
+        assert "nvidia.com/gpu" not in head["resources"]["limits"]
+        for group in spec["workerGroupSpecs"]:
+            assert group["rayStartParams"]["metrics-export-port"] == "8080"
+    lite_launcher, full_launcher = load("cluster.yaml"), load("cluster-full.yaml")
+    for key in ("head_start_ray_commands", "worker_start_ray_commands", "file_mounts", "auth", "provider"):
+        assert full_launcher[key] == lite_launcher[key], key
+    assert "--dashboard-host=127.0.0.1" in " ".join(full_launcher["head_start_ray_commands"])
+    assert any("RAY_AUTH_MODE=token" in c for c in full_launcher["setup_commands"])
+    assert full_launcher["docker"]["image"] == lite_launcher["docker"]["image"]
 
 
 # ---------------------------------------------------------------------------- Prometheus

@@ -269,7 +269,40 @@ def test_bad_generations_are_recorded_failures_and_each_round_is_one_batched_cal
     assert huge_rec["verified"] is False and huge_rec["caption"] == ""
     assert [a["finish_reason"] for a in huge_rec["attempts"]] == ["error"] * 3
     assert "exceeds context 2000" in huge_rec["attempts"][0]["issues"][0]
-    assert all(r.ok for r in recs)
+    # Answers that were empty or cut off keep their rows; one that never generated is an error row.
+    assert [r.ok for r in recs] == [True, True, True, False]
+    assert recs[3].error_stage == "dense_caption"
+    assert recs[3].error == (
+        "generation failed: prompt of "
+        f"{huge_rec['attempts'][2]['prompt_tokens']} tokens + 200 new exceeds context 2000"
+        " (no answer after 3 attempts)"
+    )
+
+
+def test_a_generation_error_is_never_an_ok_row_with_an_empty_caption():
+    """Errors on every attempt -> error row naming the error; an error then an answer -> ok with
+    that answer; an empty answer the model did write (no error) stays an ok, unverified row."""
+    failed = {"text": "", "finish_reason": "error", "error": "engine crashed"}
+    script = {
+        "dense_caption": {"Group 2: spoon": [failed], "dining table": [failed], "saucer": [""]},
+        "dense_caption_regenerate": {"Group 2: spoon": [failed], "dining table": [GOOD], "saucer": [""]},
+        "dense_caption_verify": CHECKLISTS,
+    }
+    broken = make_record("broken")  # has the spoon group
+    recovers = make_record("recovers", objects=table_objects()[:2] + table_objects()[3:4])
+    silent = make_record("silent", objects=table_objects()[:2])
+    run_level3([broken, recovers, silent], make_cfg({"script": script}, max_attempts=2))
+    assert (broken.ok, broken.error_stage) == (False, "dense_caption")
+    assert broken.error == "generation failed: engine crashed (no answer after 2 attempts)"
+    assert [a["issues"] for a in broken.fields["dense_caption"]["attempts"]] == [
+        ["generation failed: engine crashed"]
+    ] * 2
+    assert broken.backends == []  # a failed record is not stamped with the stage's models
+    dense = recovers.fields["dense_caption"]
+    assert recovers.ok and dense["caption"] == GOOD and dense["verified"] is True
+    assert dense["attempts"][0]["finish_reason"] == "error"
+    assert silent.ok and silent.fields["dense_caption"]["caption"] == ""
+    assert silent.fields["dense_caption"]["attempts"][0]["issues"] == ["the answer was empty"]
 
 
 def test_always_failing_llm_keeps_every_row_unverified():

@@ -12,7 +12,7 @@ from grand_pipeline.schemas import LEVEL4_FIELDS, level_schema
 from grand_pipeline.stage import ImageRecord
 from levels.base import LEVELS
 from levels.level4.context import AdditionalContextStage, context_issues, simple_graph
-from levels.verify import best_attempt, run_verified
+from levels.verify import Outcome, best_attempt, run_verified
 from tests.test_level3 import full_row, make_cfg, make_obj, make_record, stage_wiring
 
 CONTEXT = (
@@ -92,6 +92,39 @@ def test_always_failing_llm_gives_unverified_rows_that_match_the_schema():
     assert rows[0]["additional_context"]["attempts"][2]["attempt"] == 3
     assert rows[2]["additional_context"] is None
     assert LEVELS.get("4").needs_pixels is False
+
+
+def test_a_failed_generation_makes_an_error_row_not_an_empty_context():
+    failed = {"text": "", "finish_reason": "error", "error": "prompt could not be tokenised: no template"}
+    script = {
+        "additional_context": {"spoon": [failed], "lamp": [CONTEXT]},
+        "additional_context_regenerate": {"spoon": [failed]},
+    }
+    broken = make_record("broken")
+    fine = make_record("fine", objects=[make_obj(1, [0, 0, 5, 5], "lamp", 1.0)])
+    run_level4([broken, fine], make_cfg({"script": script}))
+    assert (broken.ok, broken.error_stage) == (False, "additional_context")
+    assert broken.error == (
+        "generation failed: prompt could not be tokenised: no template (no answer after 3 attempts)"
+    )
+    assert fine.ok and fine.fields["additional_context"]["text"] == CONTEXT
+    for rec in (broken, fine):  # level-3 columns as the runner would carry them
+        rec.fields.update(scene_graph="g", dense_caption=None, short_captions_grounded=[])
+    rows = [full_row(r, 4) for r in (broken, fine)]
+    table = pa.Table.from_pylist(rows, schema=level_schema(4)).to_pylist()
+    assert table[0]["status"] == "error" and table[0]["additional_context"] is None
+    assert table[1]["status"] == "ok" and table[1]["additional_context"]["verified"] is True
+
+
+def test_outcome_generation_error_only_when_no_text_came_out():
+    def attempt(n: int, text: str, finish: str, issues: list[str]) -> dict:
+        return {"attempt": n, "text": text, "passed": not issues, "issues": issues, "finish_reason": finish}
+
+    boom = attempt(1, "", "error", ["generation failed: boom"])
+    assert Outcome("", False, [boom]).generation_error == "generation failed: boom"
+    assert Outcome("ok.", False, [boom, attempt(2, "ok.", "stop", ["x"])]).generation_error is None
+    assert Outcome("", False, [attempt(1, "", "stop", ["the answer was empty"])]).generation_error is None
+    assert Outcome("", False, []).generation_error is None
 
 
 # ----------------------------------------------------------------------------- levels.verify

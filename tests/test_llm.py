@@ -1,7 +1,8 @@
 """The ``llm`` role: shared budget/batching helpers and the three backends.
 
-``gguf_transformers`` runs for real: ``tiny:0`` (random 2-layer Llama + the real SmolLM2 tokenizer)
-everywhere, the real SmolLM2 GGUF under ``-m slow``. Building ``tiny:0`` needs the SmolLM2
+``gguf_transformers`` runs for real: ``tiny:0`` (random 2-layer Llama + the real SmolLM2 tokenizer,
+stripped of its chat template like Vicuna-13B-v1.5's, so prompts take the ``vicuna_v1.1``
+fallback) everywhere, the real SmolLM2 GGUF (its own template) under ``-m slow``. Building ``tiny:0`` needs the SmolLM2
 tokenizer, so the session fixture converts the packaged GGUF once (~1 min) into the test cache.
 ``openai`` talks to a real HTTP server on 127.0.0.1 started here (``FakeChatServer``). ``vllm`` is not
 installed here: only its clear failure is checked, plus its bookkeeping against a stand-in module.
@@ -22,9 +23,10 @@ import torch
 
 import grand_pipeline.models.backends  # noqa: F401  (registers the backends)
 from grand_pipeline.config import ModelSpec
-from grand_pipeline.models import llm_common, weights
+from grand_pipeline.models import chat_templates, llm_common, weights
 from grand_pipeline.models.backends import llm_gguf
 from grand_pipeline.models.roles import BACKENDS, ChatPrompt, Generation
+from grand_pipeline.registry import UnknownNameError
 
 
 def chat(text: str, max_new_tokens: int = 8, prefix_key: str = "", system: str = "Be brief.") -> ChatPrompt:
@@ -97,14 +99,43 @@ def test_tiny_identity(tiny_llm: llm_gguf.GGUFTransformersLLM) -> None:
     assert info["model_id"] == "llama-tiny-random" and len(info["weights"]) == 64
     assert tiny_llm.context_length == 2048
     assert tiny_llm.tokenizer.padding_side == "left"
+    # tiny:0 has no chat template (like Vicuna-13B-v1.5): ``auto`` fell back to Vicuna v1.1.
+    assert tiny_llm.tokenizer.chat_template is None
+    assert tiny_llm.chat_template == info["chat_template"] == "vicuna_v1.1"
+    folder = weights.cache_dir() / "tiny" / "gguf_transformers-seed0"
+    assert not (folder / "chat_template.jinja").exists()
+    assert json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template") is None
 
 
-def test_count_tokens_is_the_chat_template_length(tiny_llm: llm_gguf.GGUFTransformersLLM) -> None:
+def test_count_tokens_is_the_vicuna_rendering_length(tiny_llm: llm_gguf.GGUFTransformersLLM) -> None:
     for prompt in PROMPTS:
-        ids = tiny_llm.tokenizer.apply_chat_template(
+        text = chat_templates.VICUNA_V1_1.render(prompt.messages)
+        assert text.endswith(" ASSISTANT:") and text.startswith(prompt.messages[0]["content"] + " USER: ")
+        ids = tiny_llm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tiny_llm.count_tokens(prompt) == len(ids)  # SmolLM2's tokenizer adds no BOS
+
+
+def test_the_models_own_template_is_used_when_named(tiny_llm: llm_gguf.GGUFTransformersLLM) -> None:
+    """``chat_template: model`` on a tokenizer without one is a clear configuration error; on the
+    packaged SmolLM2 (which has one) the count is ``apply_chat_template``'s, as before."""
+    with pytest.raises(weights.ModelSourceError, match="has no chat template"):
+        BACKENDS["llm"].get("gguf_transformers")(
+            ModelSpec(backend="gguf_transformers", model="tiny:0", options={"chat_template": "model"})
+        )
+    from transformers import AutoTokenizer
+
+    own = AutoTokenizer.from_pretrained(str(llm_gguf.package_folder()), local_files_only=True)
+    fmt = llm_common.PromptFormat.build(own, None)
+    assert fmt.name == "model"
+    for prompt in PROMPTS:
+        ids = own.apply_chat_template(
             prompt.messages, add_generation_prompt=True, tokenize=True, return_dict=False
         )
-        assert tiny_llm.count_tokens(prompt) == len(ids)
+        assert fmt.token_ids(prompt) == list(ids)
+
+
+def test_startup_probe_passes_on_the_tiny_model(tiny_llm: llm_gguf.GGUFTransformersLLM) -> None:
+    assert tiny_llm.startup_problem() is None
 
 
 def test_batch_returns_one_generation_each_in_order(tiny_llm: llm_gguf.GGUFTransformersLLM) -> None:
@@ -211,6 +242,9 @@ def test_vllm_bookkeeping_with_a_stand_in_engine(
         ModelSpec(backend="vllm", model="some/model", options={"load_format": "dummy"})
     )
     assert seen["engine"]["enable_prefix_caching"] is True and seen["engine"]["load_format"] == "dummy"
+    # The engine's tokenizer (tiny:0's) has no chat template: prompts use Vicuna v1.1, not
+    # vLLM's chat path, which would refuse it (vllm#17977).
+    assert llm.chat_template == "vicuna_v1.1" and llm.startup_problem() is None
     prompts = [PROMPTS[0], chat("word " * 60, 4), PROMPTS[1]]
     out = llm.generate(prompts, temperature=0.5, seed=3)
     counts = [llm.count_tokens(p) for p in prompts]
@@ -281,28 +315,30 @@ class FakeChatServer:
 
     @staticmethod
     def answer(body: dict, failing: bool, path: str) -> tuple[int, dict]:
-        if path != "/v1/chat/completions":
+        """Chat requests answer the last user message; plain completions (``/v1/completions``)
+        answer the text after the last ``USER: `` of a Vicuna-formatted prompt."""
+        if path not in ("/v1/chat/completions", "/v1/completions"):
             return 404, {"error": {"message": f"no route {path}"}}
         if failing:
             return 503, {"error": {"message": "overloaded"}}
-        user = body["messages"][-1]["content"]
+        chat = path == "/v1/chat/completions"
+        if chat:
+            user = body["messages"][-1]["content"]
+            prompt_words = sum(len(m["content"].split()) for m in body["messages"])
+        else:
+            user = body["prompt"].rsplit("USER: ", 1)[-1].removesuffix(" ASSISTANT:")
+            prompt_words = len(body["prompt"].split())
         if "BAD" in user:
             return 400, {"error": {"message": "bad request"}}
         words = user.upper().split()
         kept = words[: body["max_tokens"]]
+        text = " " + " ".join(kept) + " "
+        choice = {"index": 0, "finish_reason": "length" if len(words) > len(kept) else "stop"}
+        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
         return 200, {
             "model": body["model"],
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": " " + " ".join(kept) + " "},
-                    "finish_reason": "length" if len(words) > len(kept) else "stop",
-                }
-            ],
-            "usage": {
-                "prompt_tokens": sum(len(m["content"].split()) for m in body["messages"]),
-                "completion_tokens": len(kept),
-            },
+            "choices": [choice],
+            "usage": {"prompt_tokens": prompt_words, "completion_tokens": len(kept)},
         }
 
     def __enter__(self) -> FakeChatServer:
@@ -378,6 +414,52 @@ def test_openai_token_counting(tiny_llm: llm_gguf.GGUFTransformersLLM) -> None:
     chars = sum(len(m["content"]) for m in prompt.messages)
     estimate = openai_llm("http://127.0.0.1:9/v1").count_tokens(prompt)
     assert estimate == math.ceil(chars / 3.5) + 4 * 2 + 3
-    assert estimate >= tiny_llm.count_tokens(prompt)  # the estimate errs high
     exact = openai_llm("http://127.0.0.1:9/v1", tokenizer=str(llm_gguf.package_folder()))
-    assert exact.count_tokens(prompt) == tiny_llm.count_tokens(prompt)
+    # Server mode counts with the local tokenizer's own template (SmolLM2's ChatML-like one).
+    assert exact.chat_template == "server" and exact.format.name == "model"
+    assert estimate >= exact.count_tokens(prompt)  # the estimate errs high
+    assert exact.count_tokens(prompt) == len(
+        llm_common.PromptFormat.build(exact.tokenizer, None).token_ids(prompt)
+    )
+    # A tokenizer without a template counts through the Vicuna fallback, as the local backends do.
+    vicuna = openai_llm(
+        "http://127.0.0.1:9/v1", tokenizer=str(weights.cache_dir() / "tiny" / "gguf_transformers-seed0")
+    )
+    assert vicuna.count_tokens(prompt) == tiny_llm.count_tokens(prompt)
+
+
+def test_openai_renders_a_named_template_here_and_sends_text_to_completions() -> None:
+    """For a served model without a template (Vicuna on a vLLM server refuses chat requests),
+    a named template is rendered here and the text goes to ``/v1/completions``."""
+    opener = ChatPrompt(
+        messages=[*chat("Describe the cup").messages, {"role": "assistant", "content": "A cup"}],
+        max_new_tokens=4,
+    )
+    with FakeChatServer(delay_s=0.0) as server:
+        llm = openai_llm(server.base_url, chat_template="vicuna_v1.1")
+        out = llm.generate([chat("red apple", 5), opener])
+        assert llm.startup_problem() is None
+    assert llm.chat_template == "vicuna_v1.1" and llm.url == f"{server.base_url}/completions"
+    body = server.requests[0]
+    assert "messages" not in body and body["prompt"] == "Be brief. USER: red apple ASSISTANT:"
+    assert server.requests[1]["prompt"].endswith("USER: Describe the cup ASSISTANT: A cup")
+    assert (out[0].text, out[0].finish_reason, out[0].prompt_tokens) == ("RED APPLE", "stop", 6)
+    assert out[1].finish_reason == "length" and out[1].error is None
+
+
+def test_openai_chat_template_option_is_checked() -> None:
+    with pytest.raises(UnknownNameError) as info:
+        openai_llm("http://127.0.0.1:9/v1", chat_template="vicuna")
+    assert str(info.value) == (
+        "unknown chat template 'vicuna'; known: server, auto, chatml, llama-2, model, vicuna_v1.1"
+    )
+    with pytest.raises(weights.ModelSourceError, match="needs options.tokenizer"):
+        openai_llm("http://127.0.0.1:9/v1", chat_template="model")
+    assert openai_llm("http://127.0.0.1:9/v1", chat_template="auto").chat_template == "vicuna_v1.1"
+
+
+def test_openai_startup_probe_names_an_unreachable_server() -> None:
+    llm = openai_llm("http://127.0.0.1:9/v1", max_retries=0, timeout_s=2)
+    problem = llm.startup_problem()
+    assert problem is not None and problem.model == "openai/served-model"
+    assert problem.reason.startswith("gave up after 1 attempts: connection failed")

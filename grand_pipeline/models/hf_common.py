@@ -139,7 +139,9 @@ def tiny_tokenizer(extra_special: tuple[str, ...] = (), lowercase: bool = True, 
     """A word-level ``PreTrainedTokenizerFast`` over ``TINY_WORDS``; ids 0-3 are pad/unk/bos/eos.
 
     ``wrap`` adds ``<s> ... </s>`` around every text, as CLIP's tokenizer does (its text tower
-    pools at the end-of-text token).
+    pools at the end-of-text token). It has no chat template (``chat_template`` is None), like
+    the paper's Vicuna-13B-v1.5: a prompt rendered with it goes through the ``auto`` fallback of
+    :mod:`grand_pipeline.models.chat_templates`.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -156,7 +158,7 @@ def tiny_tokenizer(extra_special: tuple[str, ...] = (), lowercase: bool = True, 
         core.post_processor = processors.TemplateProcessing(
             single="<s> $A </s>", special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]
         )
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",
         unk_token="<unk>",
@@ -164,6 +166,8 @@ def tiny_tokenizer(extra_special: tuple[str, ...] = (), lowercase: bool = True, 
         eos_token="</s>",
         additional_special_tokens=list(extra_special),
     )
+    tokenizer.chat_template = None  # stated, not inherited: the fallback path depends on it
+    return tokenizer
 
 
 def seeded(seed: int, build: Callable[[], T]) -> T:

@@ -11,6 +11,8 @@ prompts that fit. Everything around that lives here so that they behave the same
   into batches. Neighbours of similar length waste less left padding, and a shared prefix is what
   prefix caching (vLLM) reuses.
 - ``Pending`` collects results by original index and refuses to hand back a list with holes.
+- ``PromptFormat`` renders prompts through the chat-template registry (``options.chat_template``)
+  and tokenises them, so every backend counts and runs the same ids.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from grand_pipeline.models import chat_templates
 from grand_pipeline.models.roles import ChatPrompt, Generation
 
 logger = logging.getLogger(__name__)
@@ -54,30 +57,62 @@ def estimate_tokens(prompt: ChatPrompt, chars_per_token: float = 3.5) -> int:
     return math.ceil(chars / chars_per_token) + 4 * len(prompt.messages) + 3
 
 
-def render_messages(tokenizer: Any, prompt: ChatPrompt) -> str:
-    """The chat-templated text of ``prompt``, ending with the assistant header.
-
-    Templating to text and tokenising that text (without adding special tokens again) gives the
-    same ids as ``apply_chat_template(tokenize=True)`` on both transformers 4 and 5, whose return
-    types differ.
-    """
-    if continues_answer(prompt):
-        # The prompt already holds the start of the answer: the model must go on from its last
-        # word, so the assistant turn is left open instead of closed and re-opened.
-        return tokenizer.apply_chat_template(
-            prompt.messages, add_generation_prompt=False, continue_final_message=True, tokenize=False
-        )
-    return tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
-
-
 def continues_answer(prompt: ChatPrompt) -> bool:
     """True when the last message is a started assistant answer (an opener) to be continued."""
-    return bool(prompt.messages) and prompt.messages[-1].get("role") == "assistant"
+    return chat_templates.continues(prompt.messages)
 
 
-def template_token_ids(tokenizer: Any, prompt: ChatPrompt) -> list[int]:
-    """Token ids of the chat-templated prompt (what ``count_tokens`` counts and the model reads)."""
-    return list(tokenizer(render_messages(tokenizer, prompt), add_special_tokens=False)["input_ids"])
+def leading_special_ids(tokenizer: Any) -> list[int]:
+    """The ids a tokenizer puts in front of any text by default (Llama's ``<s>``; none for most
+    BPE tokenizers), found by encoding one word with and without special tokens.
+
+    Only the leading ones are kept: a default suffix (an end-of-sequence some tokenizers append)
+    would close the turn the model is meant to write.
+    """
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    for k in range(len(full) - len(plain) + 1):
+        if full[k : k + len(plain)] == plain:
+            return full[:k]
+    return []
+
+
+@dataclass(eq=False)
+class PromptFormat:
+    """One backend's road from a ``ChatPrompt`` to text and token ids: a chat template (see
+    :mod:`grand_pipeline.models.chat_templates`) plus the tokenizer that reads its text.
+
+    Every backend renders through this, so the count the budget check uses is exactly what the
+    model reads, whichever template was chosen.
+    """
+
+    template: chat_templates.ChatTemplate
+    tokenizer: Any = None
+    prefix_ids: list[int] = field(default_factory=list)
+    """Ids put before the text: the tokenizer's usual BOS for the templates written here; none
+    when the template writes its special tokens itself (a tokenizer's own template does)."""
+
+    @classmethod
+    def build(cls, tokenizer: Any, name: str | None) -> PromptFormat:
+        """``name`` (``options.chat_template``; None means ``auto``) resolved for ``tokenizer``."""
+        template = chat_templates.resolve(name, tokenizer)
+        prefix = [] if template.writes_special_tokens or tokenizer is None else leading_special_ids(tokenizer)
+        return cls(template=template, tokenizer=tokenizer, prefix_ids=prefix)
+
+    @property
+    def name(self) -> str:
+        return self.template.name
+
+    def text(self, prompt: ChatPrompt) -> str:
+        """The templated text, ending with the assistant header (or inside an opener)."""
+        return self.template.render(prompt.messages)
+
+    def token_ids(self, prompt: ChatPrompt) -> list[int]:
+        """What the model reads: ``prefix_ids`` then the text's tokens, no other special tokens."""
+        if self.tokenizer is None:
+            raise RuntimeError(f"chat template {self.name!r} has no tokenizer to count with")
+        ids = self.tokenizer(self.text(prompt), add_special_tokens=False)["input_ids"]
+        return [*self.prefix_ids, *ids]
 
 
 @dataclass
@@ -147,6 +182,12 @@ def plan_batches(
         first_seen.setdefault(prompts[i].prefix_key, len(first_seen))
     ordered = sorted(indices, key=lambda i: (first_seen[prompts[i].prefix_key], counts[i], i))
     return [ordered[lo : lo + batch_size] for lo in range(0, len(ordered), batch_size)]
+
+
+def chat_template_option(spec: Any) -> str | None:
+    """``options.chat_template`` of ``spec`` (None when unset: ``auto``)."""
+    value = options_of(spec).get("chat_template")
+    return str(value) if value else None
 
 
 def options_of(spec: Any) -> dict[str, Any]:

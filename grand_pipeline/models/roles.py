@@ -75,6 +75,20 @@ class Backend:
             "heuristic": self.heuristic,
         }
 
+    def startup_problem(self) -> StartupProblem | None:
+        """Why this backend cannot serve, found by one tiny real call at actor start; None when
+        it can. Loading the weights in ``__init__`` is the whole check for most backends; the
+        ones whose failures would otherwise only show as empty outputs (LLMs) override this."""
+        return None
+
+
+@dataclass(frozen=True)
+class StartupProblem:
+    """A backend's failed start-up call: ``model`` is ``backend/model_id`` of the model that failed."""
+
+    model: str
+    reason: str
+
 
 @dataclass
 class Detections:
@@ -183,8 +197,47 @@ class Generation:
     error: str | None = None
 
 
+#: The start-up probe: one tiny generation through the backend's whole path (chat template,
+#: tokeniser, engine or server). Without it a model that cannot template or answer shows up only
+#: as "generation failed" on every attempt of every row.
+PROBE_MESSAGES = (
+    {"role": "system", "content": "You answer in one word."},
+    {"role": "user", "content": "What colour is the sky on a clear day?"},
+)
+PROBE_MAX_NEW_TOKENS = 4
+
+
 class LLM(Backend):
     context_length: int = 2048
+    chat_template: str = ""
+    """Name of the conversation template prompts are rendered with (recorded by ``describe``)."""
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        if self.chat_template:
+            info["chat_template"] = self.chat_template
+        return info
+
+    def startup_problem(self) -> StartupProblem | None:
+        """One greedy generation of a few tokens; an error Generation or an exception is the
+        problem. An empty answer is not: a small or random model may well stop at once."""
+        probe = ChatPrompt(
+            messages=[dict(m) for m in PROBE_MESSAGES],
+            max_new_tokens=PROBE_MAX_NEW_TOKENS,
+            prefix_key="startup_check",
+        )
+        try:
+            answers = self.generate([probe], temperature=0.0, seed=0)
+        except Exception as exc:  # noqa: BLE001 - any failure is the answer to the probe
+            reason = f"{type(exc).__name__}: {exc}"
+        else:
+            if len(answers) != 1:
+                reason = f"returned {len(answers)} generations for 1 prompt"
+            elif answers[0].finish_reason == "error":
+                reason = answers[0].error or "unknown error"
+            else:
+                return None
+        return StartupProblem(model=f"{self.backend}/{self.model_id}", reason=reason)
 
     def count_tokens(self, prompt: ChatPrompt) -> int:
         raise NotImplementedError

@@ -4,6 +4,9 @@ The paper's verification, which the reference code never implemented: after each
 captions, one batched chain-of-thought call lists the objects each caption mentions, and a caption
 naming something the scene graph lacks (or failing a local check: clean ending, 2-4 sentences, no
 meta-language) is regenerated with its problems spelled out. See :mod:`levels.verify`.
+
+An image whose every answer failed to generate (no text at all) becomes an error row of this
+stage naming the generation error; one whose model answered, however badly, keeps its best answer.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from grand_pipeline.models.roles import LLM, ChatPrompt, Generation
 from grand_pipeline.schemas import LEVEL3_FIELDS
 from grand_pipeline.stage import ImageRecord, Stage
 from levels.level3.checks import caption_issues, object_issues, parse_checklist
-from levels.verify import format_issues, llm_generate, run_verified, stamp_prompts
+from levels.verify import fail_unanswered, format_issues, llm_generate, run_verified, stamp_prompts
 from prompts.base import get_prompt, join_answer
 
 logger = logging.getLogger(__name__)
@@ -102,6 +105,7 @@ class DenseCaptionStage(Stage):
             }
             used = [self.first, self.checklist] + ([self.regenerate] if outcome.regenerated else [])
             stamp_prompts(record, used)
+            fail_unanswered(record, self.name, outcome)
 
     def list_objects(self, llm: LLM, captions: list[str]) -> list[tuple[list[str], str | None]]:
         """(checklist entries, why there is none) per caption, from one batched, greedy LLM call."""

@@ -4,6 +4,7 @@ The LLM reads a simplified scene graph: up to ``max_objects`` entries (``label/a
 Level-3 renderer's) and the landmark. Answers go through the same generate / verify / regenerate
 loop as the dense caption; the checks here are local: 5-7 sentences in one paragraph, a clean
 ending, and none of the words that would turn background knowledge into a photo description.
+An image whose every answer failed to generate becomes an error row of this stage.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from levels.level3.scene_graph import landmark_line, object_entry, select_object
 from levels.verify import (
     compile_patterns,
     ending_issues,
+    fail_unanswered,
     format_issues,
     llm_generate,
     run_verified,
@@ -110,3 +112,4 @@ class AdditionalContextStage(Stage):
                 "attempts": outcome.attempts,
             }
             stamp_prompts(record, [self.first] + ([self.regenerate] if outcome.regenerated else []))
+            fail_unanswered(record, self.name, outcome)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from grand_pipeline.models.roles import LLM, Captioner, register_backend
+from grand_pipeline.models.roles import LLM, Captioner, StartupProblem, register_backend
 from prompts.base import PromptTemplate, get_prompt
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,10 @@ class LLMFromTagsCaptioner(Captioner):
         self.max_items = int(opts.get("max_items", 20))
         self.model_id = f"llm_from_tags({llm.model_id})"
         self.weights_id = getattr(llm, "weights_id", "")
+
+    def startup_problem(self) -> StartupProblem | None:
+        """The shared LLM's start-up probe: this captioner is only as good as its LLM."""
+        return self.llm.startup_problem()
 
     def prompt_stamp(self) -> dict[str, str]:
         """(prompt, version) the captions were written with; the stage records it per row."""

@@ -13,7 +13,10 @@ real SmolLM2 tokenizer (taken from the converted folder, built if needed).
 
 Sources (``spec.model``): empty / ``package:`` (the packaged GGUF), a path to another ``.gguf``
 (converted the same way), a path to a Hugging Face causal-LM folder, or ``tiny:<seed>``.
-Options: ``context_length`` (caps the model's ``max_position_embeddings``).
+Options: ``context_length`` (caps the model's ``max_position_embeddings``), ``chat_template``
+(``auto`` by default: the tokenizer's own template, else Vicuna v1.1; see
+:mod:`grand_pipeline.models.chat_templates`). ``tiny:<seed>`` tokenizers carry no chat template,
+like Vicuna-13B-v1.5's, so CPU runs of the tiny profiles go through that fallback.
 ``spec.batch_size`` prompts (default 8) share one ``model.generate`` call.
 
 Determinism: greedy decoding (``temperature == 0``) gives the same text for a prompt whatever
@@ -149,6 +152,9 @@ def build_tiny(folder: Path, seed: int) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+    # No chat template, like the paper's Vicuna-13B-v1.5: the tiny profiles then exercise the
+    # template fallback (chat_templates ``auto`` -> ``vicuna_v1.1``) on every CPU run.
+    tokenizer.chat_template = None
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
@@ -190,6 +196,11 @@ class GGUFTransformersLLM(LLM):
         if options.get("context_length"):
             self.context_length = min(self.context_length, int(options["context_length"]))
         self.batch_size = max(1, int(getattr(spec, "batch_size", 8) or 8))
+        if resolved.source.startswith("tiny:"):
+            # A tiny folder cached before tiny tokenizers lost their template still has SmolLM2's.
+            self.tokenizer.chat_template = None
+        self.format = llm_common.PromptFormat.build(self.tokenizer, llm_common.chat_template_option(spec))
+        self.chat_template = self.format.name
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
         self.eos_ids = sorted(i for i in eos_ids if i is not None)
@@ -202,7 +213,7 @@ class GGUFTransformersLLM(LLM):
 
     def count_tokens(self, prompt: ChatPrompt) -> int:
         """Tokens of the chat-templated prompt including the assistant header."""
-        return len(llm_common.template_token_ids(self.tokenizer, prompt))
+        return len(self.format.token_ids(prompt))
 
     def generate(
         self, prompts: list[ChatPrompt], *, temperature: float = 0.0, seed: int = 0
@@ -223,14 +234,20 @@ class GGUFTransformersLLM(LLM):
                     admitted.pending.set(i, row)
         return admitted.pending.done()
 
+    def _left_padded(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """``input_ids`` + ``attention_mask`` padded on the left (new tokens must follow each
+        prompt), built from the very ids ``count_tokens`` counted."""
+        width = max(len(r) for r in rows)
+        pad = int(self.tokenizer.pad_token_id)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
     def _run_batch(self, batch: list[ChatPrompt], temperature: float) -> list[Generation]:
         """One left-padded ``model.generate`` over ``batch``; each output cut to its own budget."""
         from transformers import GenerationConfig
 
-        texts = [llm_common.render_messages(self.tokenizer, p) for p in batch]
-        enc = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(
-            self.device
-        )
+        enc = self._left_padded([self.format.token_ids(p) for p in batch])
         sampling = temperature > 0
         config = GenerationConfig(
             max_new_tokens=max(p.max_new_tokens for p in batch),

@@ -1,4 +1,4 @@
-"""``openai``: any OpenAI-compatible ``/chat/completions`` endpoint (a vLLM server, TGI, OpenAI).
+"""``openai``: any OpenAI-compatible endpoint (a vLLM server, TGI, OpenAI).
 
 Only the standard library talks HTTP (``urllib.request``); prompts run as concurrent requests on
 a thread pool, because a serving engine batches concurrent requests itself (continuous batching)
@@ -14,10 +14,20 @@ and that is where its throughput comes from.
   per retry, capped at 30 s; a ``Retry-After`` header wins): retries cover HTTP 429, 5xx and
   connection errors; other 4xx answers are final.
 - ``context_length``: the served model's context (default 4096).
-- ``tokenizer``: a local tokenizer folder with the served model's chat template. Then token
-  counts are exact. Without it ``count_tokens`` is an ESTIMATE (``llm_common.estimate_tokens``:
-  characters / 3.5 plus chat markup), deliberately on the high side so that the budget check
-  refuses rather than overflows; ``Generation.prompt_tokens`` always reports the server's count.
+- ``tokenizer``: a local tokenizer folder of the served model. Then token counts are exact.
+  Without it ``count_tokens`` is an ESTIMATE (``llm_common.estimate_tokens``: characters / 3.5
+  plus chat markup), deliberately on the high side so that the budget check refuses rather than
+  overflows; ``Generation.prompt_tokens`` always reports the server's count.
+- ``chat_template``: who turns the messages into text.
+
+  - ``server`` (the default): messages go to ``/chat/completions`` and the SERVER applies the
+    served model's template (its tokenizer's, or the one it was started with, e.g. vLLM's
+    ``--chat-template``). Counting with ``tokenizer`` uses that tokenizer's template (``auto``).
+  - any name of :mod:`grand_pipeline.models.chat_templates` (``auto``, ``model``,
+    ``vicuna_v1.1``, ``llama-2``, ``chatml``): the prompt is rendered HERE and sent as text to
+    ``/completions``, whose server adds only the tokenizer's usual BOS. This is the way to serve
+    a model whose tokenizer has no template (Vicuna-13B-v1.5: a vLLM server then refuses chat
+    requests) without starting the server with a template file. ``model`` needs ``tokenizer``.
 
 A request that still fails after its retries becomes an ``error`` Generation; ``generate`` never
 raises for one prompt's failure.
@@ -35,14 +45,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from grand_pipeline.models import llm_common
+from grand_pipeline.models import chat_templates, llm_common
 from grand_pipeline.models.roles import LLM, ChatPrompt, Generation, register_backend
 from grand_pipeline.models.weights import ModelSourceError
+from grand_pipeline.registry import UnknownNameError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+#: ``options.chat_template`` value that leaves the template to the server (the default).
+SERVER = "server"
 MAX_BACKOFF_S = 30.0
 
 
@@ -73,7 +86,6 @@ class OpenAICompatibleLLM(LLM):
         if not getattr(spec, "model", ""):
             raise ModelSourceError("openai: set models.llm.model to the served model name")
         self.base_url = str(options.get("base_url", DEFAULT_BASE_URL)).rstrip("/")
-        self.url = f"{self.base_url}/chat/completions"
         self.api_key = os.environ.get(str(options.get("api_key_env", "OPENAI_API_KEY")), "")
         self.concurrency = max(1, int(options.get("concurrency", 16)))
         self.timeout_s = float(options.get("timeout_s", 120.0))
@@ -88,14 +100,35 @@ class OpenAICompatibleLLM(LLM):
             if not path.is_dir():
                 raise ModelSourceError(f"openai: options.tokenizer {path} is not a local tokenizer folder")
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        option = str(options.get("chat_template") or SERVER)
+        self.format = self._prompt_format(option)
+        #: Rendered text goes to /completions; messages to /chat/completions (server templates).
+        self.render_here = option != SERVER
+        self.chat_template = self.format.name if self.render_here and self.format else SERVER
+        self.url = f"{self.base_url}/{'completions' if self.render_here else 'chat/completions'}"
         self.model_id = str(spec.model)
         # Served weights are not visible from here; the endpoint + revision is the best identity.
         self.weights_id = f"{self.base_url}#{getattr(spec, 'revision', '') or 'unversioned'}"
 
+    def _prompt_format(self, name: str) -> llm_common.PromptFormat | None:
+        """How prompts are rendered (and counted) here; None: estimated, rendered by the server."""
+        if name != SERVER and name not in chat_templates.CHAT_TEMPLATES:
+            known = ", ".join([SERVER, *chat_templates.CHAT_TEMPLATES.names()])
+            raise UnknownNameError(f"unknown chat template {name!r}; known: {known}")
+        if name == "model" and self.tokenizer is None:
+            raise ModelSourceError(
+                "openai: chat_template 'model' needs options.tokenizer (a local folder with the "
+                "served model's tokenizer and its template)"
+            )
+        if self.tokenizer is None and name == SERVER:
+            return None
+        # Server mode with a tokenizer: count with the template the server will most likely use.
+        return llm_common.PromptFormat.build(self.tokenizer, "auto" if name == SERVER else name)
+
     def count_tokens(self, prompt: ChatPrompt) -> int:
         """Exact with ``options.tokenizer``; otherwise a deliberately high estimate (see module doc)."""
-        if self.tokenizer is not None:
-            return len(llm_common.template_token_ids(self.tokenizer, prompt))
+        if self.format is not None and self.tokenizer is not None:
+            return len(self.format.token_ids(prompt))
         return llm_common.estimate_tokens(prompt)
 
     def generate(
@@ -121,17 +154,24 @@ class OpenAICompatibleLLM(LLM):
     # ------------------------------------------------------------------------- one request
 
     def _complete(self, prompt: ChatPrompt, temperature: float, seed: int) -> Generation:
-        """One chat completion with bounded retries; failures become an error Generation."""
+        """One (chat) completion with bounded retries; failures become an error Generation."""
         request: dict[str, Any] = {
             "model": self.model_id,
-            "messages": prompt.messages,
             "max_tokens": int(prompt.max_new_tokens),
             "temperature": float(temperature),
             "seed": int(seed),
         }
-        if llm_common.continues_answer(prompt):
-            # vLLM's OpenAI server continues a final assistant message with these two flags.
-            request.update(continue_final_message=True, add_generation_prompt=False)
+        if self.render_here:
+            assert self.format is not None  # set whenever the template is not the server's
+            try:
+                request["prompt"] = self.format.text(prompt)
+            except Exception as exc:  # a malformed conversation: this prompt only
+                return llm_common.error_generation(f"prompt could not be templated: {exc}")
+        else:
+            request["messages"] = prompt.messages
+            if llm_common.continues_answer(prompt):
+                # vLLM's OpenAI server continues a final assistant message with these two flags.
+                request.update(continue_final_message=True, add_generation_prompt=False)
         body = json.dumps(request).encode()
         last_error = ""
         for attempt in range(self.max_retries + 1):
@@ -168,11 +208,13 @@ class OpenAICompatibleLLM(LLM):
 
     @staticmethod
     def _parse(answer: dict[str, Any]) -> Generation:
+        """A chat answer carries ``message.content``; a plain completion carries ``text``."""
         choice = answer["choices"][0]
         usage = answer.get("usage") or {}
         reason = _map_finish_reason(choice.get("finish_reason"))
+        text = (choice.get("message") or {}).get("content") if "message" in choice else choice.get("text")
         return Generation(
-            text=str((choice.get("message") or {}).get("content") or "").strip(),
+            text=str(text or "").strip(),
             finish_reason=reason,
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),

@@ -9,10 +9,14 @@ that would be wasteful on a GPU), ``enable_prefix_caching=True`` (prompts sharin
 share their in-context examples, whose KV blocks are then computed once). Options:
 ``gpu_memory_utilization`` (0.9), ``max_model_len`` (the model's own when unset),
 ``tensor_parallel_size`` (1), ``load_format`` (e.g. ``"dummy"`` for random weights in a
-benchmark), ``seed`` (engine seed, 0), ``json_schema`` (constrain every answer to a JSON schema).
+benchmark), ``seed`` (engine seed, 0), ``json_schema`` (constrain every answer to a JSON schema),
+``chat_template`` (``auto``: the tokenizer's own template, else Vicuna v1.1; the full profile
+names ``vicuna_v1.1`` for Vicuna-13B-v1.5, whose tokenizer has none: vllm#17977).
 
-Prompts are chat-templated and tokenised HERE with the engine's tokenizer and handed to the engine
-as token ids, so the count used by the budget check is exactly what the engine reads. Each request
+Prompts are chat-templated (:mod:`grand_pipeline.models.chat_templates`) and tokenised HERE with
+the engine's tokenizer and handed to the engine as token ids, so the count used by the budget
+check is exactly what the engine reads, and vLLM's own chat path (which refuses a tokenizer
+without a template) is never involved. Each request
 carries ``SamplingParams(seed=seed)``, so a prompt's sample depends on the prompt and seed only,
 not on what else runs in the batch.
 """
@@ -70,6 +74,8 @@ class VLLMEngineLLM(LLM):
         self.engine = vllm.LLM(**engine_args)
         self._sampling_params = SamplingParams
         self.tokenizer = self.engine.get_tokenizer()
+        self.format = llm_common.PromptFormat.build(self.tokenizer, llm_common.chat_template_option(spec))
+        self.chat_template = self.format.name
         self.context_length = int(self.engine.llm_engine.model_config.max_model_len)
         self.json_schema = options.get("json_schema")
         self._structured = None
@@ -89,7 +95,7 @@ class VLLMEngineLLM(LLM):
 
     def count_tokens(self, prompt: ChatPrompt) -> int:
         """Tokens of the chat-templated prompt, with the engine's own tokenizer and template."""
-        return len(llm_common.template_token_ids(self.tokenizer, prompt))
+        return len(self.format.token_ids(prompt))
 
     def generate(
         self, prompts: list[ChatPrompt], *, temperature: float = 0.0, seed: int = 0
@@ -102,9 +108,7 @@ class VLLMEngineLLM(LLM):
         ]
         if not order:
             return admitted.pending.done()
-        requests = [
-            {"prompt_token_ids": llm_common.template_token_ids(self.tokenizer, prompts[i])} for i in order
-        ]
+        requests = [{"prompt_token_ids": self.format.token_ids(prompts[i])} for i in order]
         params = [self._params(prompts[i].max_new_tokens, temperature, seed) for i in order]
         try:
             outputs = self.engine.generate(requests, sampling_params=params, use_tqdm=False)
