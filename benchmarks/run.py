@@ -10,9 +10,11 @@ Why each baseline is the fair comparison:
 1. NMS: the textbook greedy loop in plain Python (visit by descending score, keep a box unless
    a kept box overlaps it by IoU > threshold), i.e. the same rule as ``geometry.boxes.nms`` and
    the same kept indices; only the vectorisation differs.
-2. RLE encode: a per-pixel Python port of pycocotools' ``rleEncode`` + ``rleToString``, which
-   produces the same compressed string as ``geometry.rle.encode`` (both checked against
-   pycocotools); only the numpy run finding / chunking differs.
+2. RLE encode and decode: ``pycocotools.mask`` itself on the same 40 SA-1B-sized masks (1500 x
+   2250, real RLEs; ``level1_work``'s scene), since ``geometry.rle`` keeps a hand-written codec
+   only where it beats the library: encode starts from (N, H, W) masks as the segmenters give
+   them, so pycocotools pays for the Fortran-order copy it needs. Strings and masks are checked
+   equal. A third line decodes into tight-box crops (``geometry.boxed``), what Level 1 keeps.
 3. Segmenter: the same LiteMedSAM weights and code path, called once per box (one image
    embedding per box) against one call with all 16 boxes (one embedding, one decoder batch).
    This is what a stage that loops over objects would pay.
@@ -21,6 +23,9 @@ Why each baseline is the fair comparison:
 5. Decode once: ``decode_image`` on the same JPEG once per stage (7 stages; the reference
    decodes each image ~15 times) against decoding once and handing the array to every stage.
    The stages' own work is left out, so the ratio is what sharing saves per image.
+
+After the table, ``benchmarks/level1_work.py`` prints the ``L1 non-model`` line: all of Level 1's
+work around its models for one SA-1B-sized image, as a multiple of the pycocotools floor.
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ from PIL import Image
 from skimage import data as skdata
 
 from grand_pipeline.config import load_config
+from grand_pipeline.geometry import boxed, rle
 from grand_pipeline.geometry import boxes as box_ops
-from grand_pipeline.geometry import rle
 from grand_pipeline.models.hub import ModelHub
 from grand_pipeline.models.roles import Segmenter, Tagger
 from grand_pipeline.sources.base import decode_image
@@ -118,29 +123,6 @@ def naive_nms(boxes: list[list[float]], scores: list[float], iou_threshold: floa
     return keep
 
 
-def naive_rle(mask: np.ndarray) -> dict[str, object]:
-    """Per-pixel column-major run lengths, then COCO's 5-bit delta string, in plain Python."""
-    h, w = mask.shape
-    counts: list[int] = []
-    current, run = False, 0
-    for pixel in mask.T.reshape(-1).tolist():
-        if pixel != current:
-            counts.append(run)
-            current, run = pixel, 0
-        run += 1
-    counts.append(run)
-    chars: list[str] = []
-    for i, count in enumerate(counts):
-        x = count - counts[i - 2] if i > 2 else count
-        more = True
-        while more:
-            chunk = x & 0x1F
-            x >>= 5
-            more = x != -1 if chunk & 0x10 else x != 0
-            chars.append(chr((chunk | 0x20 if more else chunk) + 48))
-    return {"size": [h, w], "counts": "".join(chars)}
-
-
 # ----------------------------------------------------------------------------- cases
 
 
@@ -164,18 +146,62 @@ def bench_nms(repeats: int) -> Row:
     )
 
 
-def bench_rle(repeats: int) -> Row:
-    masks = np.stack([skdata.camera() > t for t in (50, 100, 150, 200)])  # 4 x 512 x 512, real edges
-    reference = coco_mask.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    expected = [r["counts"].decode() for r in reference]
+def sa1b_masks() -> tuple[list[dict[str, Any]], np.ndarray]:
+    """40 SA-1B-sized RLEs (str counts) and the same masks dense, (40, H, W) bool."""
+    from benchmarks.level1_work import make_scene
 
-    def same(naive: list[dict[str, Any]], ours: list[dict[str, Any]]) -> None:
-        assert [r["counts"] for r in naive] == [r["counts"] for r in ours] == expected, "RLE differs"
+    rles = [r.rle for r in make_scene().regions[:40]]
+    return rles, rle.decode(rles)
+
+
+def coco_rles(rles: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"size": r["size"], "counts": r["counts"].encode()} for r in rles]
+
+
+def bench_rle_encode(repeats: int) -> Row:
+    rles, masks = sa1b_masks()
+
+    def same(coco: list[dict[str, Any]], ours: list[dict[str, Any]]) -> None:
+        assert (
+            [r["counts"].decode() for r in coco] == [r["counts"] for r in ours] == [r["counts"] for r in rles]
+        )
 
     return compare(
-        "RLE encode, 4 masks 512x512 (per-pixel loop)",
-        lambda: [naive_rle(m) for m in masks],
+        "RLE encode, 40 masks 2250x1500 (pycocotools)",
+        lambda: coco_mask.encode(np.asfortranarray(masks.transpose(1, 2, 0)).view(np.uint8)),
         lambda: rle.encode(masks),
+        repeats,
+        same,
+    )
+
+
+def bench_rle_decode(repeats: int) -> Row:
+    rles, _ = sa1b_masks()
+    coco = coco_rles(rles)
+
+    def same(theirs: np.ndarray, ours: np.ndarray) -> None:
+        assert np.array_equal(theirs.transpose(2, 0, 1), ours), "decoded masks differ"
+
+    return compare(
+        "RLE decode, 40 masks 2250x1500 (pycocotools)",
+        lambda: coco_mask.decode(coco),
+        lambda: rle.decode(rles),
+        repeats,
+        same,
+    )
+
+
+def bench_rle_decode_boxed(repeats: int) -> Row:
+    rles, _ = sa1b_masks()
+    coco = coco_rles(rles)
+
+    def same(theirs: np.ndarray, ours: boxed.BoxedMasks) -> None:
+        assert np.array_equal(theirs.transpose(2, 0, 1), np.asarray(ours)), "decoded masks differ"
+
+    return compare(
+        "RLE decode to tight boxes, 40 masks (pycocotools dense)",
+        lambda: coco_mask.decode(coco),
+        lambda: boxed.decode(rles),
         repeats,
         same,
     )
@@ -272,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     hub = ModelHub(load_config("lite").models)
     rows = [
         bench_nms(repeats=5),
-        bench_rle(repeats=5),
+        bench_rle_encode(repeats=5),
+        bench_rle_decode(repeats=5),
+        bench_rle_decode_boxed(repeats=5),
         bench_segmenter(hub, repeats=2),
         bench_tagger(hub, repeats=3),
         bench_decode(repeats=15),
@@ -282,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rows += [Row(case, base, ours) for case, base, ours in llm_batching.run()]
     print(f"median of interleaved repeats, same inputs, one process\n\n{table(rows)}")
+    from benchmarks import level1_work
+
+    print(f"\n{level1_work.run(repeats=5).line()}")
     return 0
 
 

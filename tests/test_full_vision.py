@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 import skimage.data
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from grand_pipeline.config import ModelSpec
+from grand_pipeline.geometry import boxed
 from grand_pipeline.models.roles import Tag
 
 
@@ -46,6 +48,13 @@ def test_sam_one_mask_per_box_and_one_embedding_per_image(photo: np.ndarray) -> 
     # Same weights, same prompts -> same masks (the tiny model is deterministic once loaded).
     again = SamSegmenter(ModelSpec("sam", "tiny:0")).segment(photo, boxes[:2])
     np.testing.assert_array_equal(again, masks[:2])
+    # The device-side crops Level 1 keeps are the same masks, and encode to pycocotools' RLE.
+    kept = sam.segment_boxed(photo, boxes)
+    assert kept.shape == masks.shape and kept.device == sam.device
+    np.testing.assert_array_equal(np.asarray(kept), masks)
+    coco = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    assert [r["counts"] for r in boxed.encode(kept)] == [r["counts"].decode() for r in coco]
+    assert sam.segment_boxed(photo, np.zeros((0, 4))).shape == (0, 200, 300)
 
 
 @pytest.mark.parametrize("family", ["dpt", "depth_anything"])

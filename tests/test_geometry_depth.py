@@ -139,6 +139,20 @@ def test_area_mean_matches_a_loop_over_cells(seed: int) -> None:
     np.testing.assert_allclose(area_mean(depth, (h, w)), expected)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_area_mean_of_a_float32_map_is_bit_identical_to_the_float64_path(seed: int) -> None:
+    """The all-finite fast path (float32 input, counts from the bin sizes) changes no bit of
+    ``depth_lowres``: the reference is the former code, float64 copy and counted pixels."""
+    rng = np.random.default_rng(seed)
+    height, width = (1500, 2250) if seed == 0 else tuple(int(v) for v in rng.integers(1, 300, size=2))
+    depth = (rng.standard_normal((height, width)) * 10 ** int(rng.integers(-2, 4))).astype(np.float32)
+    grid = grid_size(height, width, longest=64)
+    d64 = depth.astype(np.float64)
+    finite = np.isfinite(d64)
+    expected = cell_sums(np.where(finite, d64, 0.0), grid) / cell_sums(finite, grid)
+    np.testing.assert_array_equal(area_mean(depth, grid), expected)
+
+
 def test_box_cell_areas_split_a_box_over_cells() -> None:
     # 10x10 image, 2x2 grid of 5x5 cells; the box covers x 2.5..7, y 0..5 (and spills outside).
     areas = box_cell_areas([[2.5, -3, 7, 5], [20, 20, 30, 30]], (10, 10), (2, 2))

@@ -152,8 +152,11 @@ def test_litemedsam_box_prompt(segmenter, record_property, name, box, outline, m
         stability[0],
     )
     assert cover > min_cover and iou > min_iou
-    # segment() is the same computation without the scores.
+    # segment() is the same computation without the scores; segment_boxed() keeps the same masks.
     np.testing.assert_array_equal(segmenter.segment(image, np.array([box], np.float32)), masks)
+    np.testing.assert_array_equal(
+        np.asarray(segmenter.segment_boxed(image, np.array([box], np.float32))), masks
+    )
 
 
 def test_minilm_similarity_order(record_property) -> None:

@@ -17,7 +17,8 @@ prompts only, so this prompts a multi-scale grid of boxes instead:
 - ``stability_score`` is SAM's: IoU of the masks at logit > +1 and > -1, when the segmenter
   exposes ``segment_with_scores``; otherwise a morphological proxy, IoU of the mask eroded and
   dilated by one pixel (low for thin or ragged masks whose pixels sit on the boundary).
-- greedy NMS by mask IoU (``geometry.rle.mask_nms``) keeps the best-scored of near-duplicates,
+- greedy NMS by mask IoU (``geometry.rle.mask_nms``, IoU from the RLE runs by pycocotools, no
+  mask decoded) keeps the best-scored of near-duplicates,
   the ``max_masks`` best survive and are returned largest first as SA-1B annotation dicts.
 """
 

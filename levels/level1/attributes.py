@@ -4,6 +4,10 @@ Every object and floating object is described (box + mask). Region proposals tha
 covers are described too and kept as ``floating_attributes``: the lite analogue of the
 reference's GRiT boxes that matched no detection. Objects and leftover regions of one image go
 to the region captioner together, so the captioner sees each image once.
+
+The masks come from the record's ``ObjectMasks`` (decoded once, on the actor's device, as the
+crops of their tight boxes) and go to the captioner as a ``BoxedMasks``: it reads as an (N, H, W)
+mask array, and the crop-based captioners cut their crops from it on the device.
 """
 
 from __future__ import annotations
@@ -21,13 +25,12 @@ from grand_pipeline.stage import ImageRecord, Stage
 from levels.level1.common import (
     all_objects,
     image_size,
-    iter_mask_chunks,
     object_boxes,
-    plain_rle,
     region_boxes,
     round_box,
     round_score,
 )
+from levels.level1.object_masks import ObjectMasks, device_of
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +74,10 @@ class AttributeStage(Stage):
             extra = leftover_regions(
                 record.regions, objects, height, width, level1.region_min_area, level1.floating_attribute_iou
             )
+            # The leftover regions' own RLE dicts: their masks are only cropped, never stored.
             items = [(obj.get("segmentation"), obj["bbox"]) for obj in objects]
-            items += [(plain_rle(r.rle), r.bbox) for r in extra]
-            phrases = self.describe(record, items, height, width)
+            items += [(r.rle, r.bbox) for r in extra]
+            phrases = self.describe(record, items)
             for obj, phrase in zip(objects, phrases[: len(objects)], strict=True):
                 obj["attributes"] = [phrase] if phrase else []
             record.fields["floating_attributes"] = [
@@ -83,16 +87,16 @@ class AttributeStage(Stage):
             ]
             logger.debug("%s: %d described, %d floating attributes", record.image_id, len(items), len(extra))
 
-    def describe(
-        self, record: ImageRecord, items: list[tuple[Any, Any]], height: int, width: int
-    ) -> list[str]:
-        """One phrase per (segmentation, box) item; masks are built a chunk at a time (memory)."""
+    def describe(self, record: ImageRecord, items: list[tuple[Any, Any]]) -> list[str]:
+        """One phrase per (segmentation, box) item, from one captioner call for the image."""
         captioner = self.backend("region_captioner", RegionCaptioner)
-        phrases: list[str] = []
-        for start, masks in iter_mask_chunks(items, height, width):
-            boxes = np.asarray([items[start + k][1] for k in range(len(masks))], dtype=np.float32)
-            out = captioner.describe_regions(record.pixels, boxes, masks)
-            if len(out) != len(masks):
-                raise ValueError(f"region captioner returned {len(out)} phrases for {len(masks)} boxes")
-            phrases.extend(str(p).strip() for p in out)
-        return phrases
+        if not items:
+            return []
+        boxes = np.stack([np.asarray(box, dtype=np.float64).reshape(4) for _, box in items])
+        store = ObjectMasks.of(record, device_of(captioner))
+        # Any: the role's type says dense (N, H, W); BoxedMasks reads as one (see geometry.boxed).
+        masks: Any = store.masks([seg for seg, _ in items], boxes)
+        out = captioner.describe_regions(record.pixels, boxes.astype(np.float32), masks)
+        if len(out) != len(items):
+            raise ValueError(f"region captioner returned {len(out)} phrases for {len(items)} boxes")
+        return [str(p).strip() for p in out]

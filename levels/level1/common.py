@@ -8,7 +8,6 @@ are stable across runs and pyarrow never sees numpy scalars.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -26,10 +25,6 @@ OBJECT_KEYS: tuple[str, ...] = tuple(OBJECT.field(i).name for i in range(OBJECT.
 
 #: The two record fields that hold object dicts.
 OBJECT_FIELDS = ("objects", "floating_objects")
-
-#: Dense masks are built this many objects at a time: a full-resolution SA-1B mask is ~3 MB, so
-#: a hundred objects at once would cost hundreds of MB per image.
-MASK_CHUNK = 64
 
 BOX_DECIMALS = 2
 SCORE_DECIMALS = 4
@@ -83,37 +78,6 @@ def image_size(record: ImageRecord) -> tuple[int, int]:
     if record.image is not None:
         return int(record.image.shape[0]), int(record.image.shape[1])
     return int(record.height), int(record.width)
-
-
-def box_mask(box: Any, height: int, width: int) -> np.ndarray:
-    """(H, W) bool mask of the pixels a float xyxy box covers (at least one pixel when inside)."""
-    x1, y1, x2, y2 = np.asarray(box, dtype=np.float64).reshape(4)
-    left = int(np.clip(np.floor(x1), 0, width - 1))
-    top = int(np.clip(np.floor(y1), 0, height - 1))
-    right = int(np.clip(np.ceil(x2), left + 1, width))
-    bottom = int(np.clip(np.ceil(y2), top + 1, height))
-    mask = np.zeros((height, width), dtype=bool)
-    mask[top:bottom, left:right] = True
-    return mask
-
-
-def dense_mask(segmentation: dict[str, Any] | None, box: Any, height: int, width: int) -> np.ndarray:
-    """The mask of one item: its RLE when it has one of the image's size, else its box."""
-    if segmentation is not None:
-        size = [int(v) for v in segmentation["size"]]
-        if size == [height, width]:
-            return rle.decode_one(segmentation)
-        logger.warning("mask of size %s on a %dx%d image; using the box instead", size, height, width)
-    return box_mask(box, height, width)
-
-
-def iter_mask_chunks(
-    items: list[tuple[dict[str, Any] | None, Any]], height: int, width: int, chunk: int = MASK_CHUNK
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (start index, (K, H, W) bool masks) for (segmentation, box) items, ``chunk`` at a time."""
-    for start in range(0, len(items), chunk):
-        part = items[start : start + chunk]
-        yield start, np.stack([dense_mask(seg, box, height, width) for seg, box in part])
 
 
 def backend_source(backend: Backend) -> str:

@@ -2,9 +2,11 @@
 
 The value is the median of the map inside the object's mask (the reference used the box, which
 mixes in background pixels for thin or hollow objects); an object without a mask falls back to its
-box. The full map is not stored, only ``depth_lowres``: an area-averaged copy whose longest side
-is ``LOWRES_SIDE`` cells, from which level 2 gives a depth to the objects it creates. Level 3 only
-needs per-object values, ordered within an image.
+box. The masks are the record's ``ObjectMasks`` (made once by the mask stage), and the median is
+numpy's, taken inside each mask's tight box (``geometry.boxed.median_depth``). The full map is not
+stored, only ``depth_lowres``: an area-averaged copy whose longest side is ``LOWRES_SIDE`` cells,
+from which level 2 gives a depth to the objects it creates. Level 3 only needs per-object values,
+ordered within an image.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from grand_pipeline.geometry.depth import area_mean, grid_size, median_in_masks
+from grand_pipeline.geometry.boxed import median_depth
+from grand_pipeline.geometry.depth import area_mean, grid_size
 from grand_pipeline.models.roles import DepthEstimator
 from grand_pipeline.schemas import DEPTH_GRID
 from grand_pipeline.stage import ImageRecord, Stage
-from levels.level1.common import all_objects, backend_source, image_size, iter_mask_chunks, round_score
+from levels.level1.common import all_objects, backend_source, image_size, object_boxes, round_score
+from levels.level1.object_masks import ObjectMasks, device_of
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +68,11 @@ class DepthStage(Stage):
             if depth_map.shape != size:
                 raise ValueError(f"depth map of shape {depth_map.shape} for an image of size {size}")
             objects = all_objects(record)
-            items = [(obj.get("segmentation"), obj["bbox"]) for obj in objects]
-            for start, masks in iter_mask_chunks(items, *size):
-                for obj, value in zip(
-                    objects[start : start + len(masks)], median_in_masks(depth_map, masks), strict=True
-                ):
+            if objects:
+                # The same masks the mask stage made (decoded once, on the actor's device).
+                store = ObjectMasks.of(record, device_of(backend))
+                masks = store.masks([obj.get("segmentation") for obj in objects], object_boxes(objects))
+                for obj, value in zip(objects, median_depth(depth_map, masks), strict=True):
                     obj["depth"] = round_score(value)  # NaN (empty mask) becomes None
             record.fields["depth_source"] = source
             record.fields["depth_lowres"] = lowres_map(depth_map)

@@ -9,6 +9,10 @@ passes the box-IoU test alone.
 Unlike the reference we keep the object's own box when an SA-1B mask is attached. The reference
 replaced it with the SAM box, which discards the detector evidence the vote fused; the mask already
 carries the region's exact extent, so nothing is lost by keeping both.
+
+Every mask this stage decodes or gets from the segmenter stays in the record's ``ObjectMasks``
+(on the segmenter's device), so the attribute and depth stages never decode it again; the
+segmenter's masks are encoded to RLE once, here, straight from their crops.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from grand_pipeline.geometry import rle
-from grand_pipeline.geometry.matching import fraction_inside, match_boxes
+from grand_pipeline.geometry import boxed
+from grand_pipeline.geometry.matching import match_boxes
 from grand_pipeline.models.roles import Segmenter
 from grand_pipeline.stage import ImageRecord, Stage
-from levels.level1.common import all_objects, image_size, object_boxes, plain_rle, region_boxes
+from levels.level1.common import all_objects, object_boxes, plain_rle, region_boxes
+from levels.level1.object_masks import ObjectMasks, device_of, segment_masks
 
 logger = logging.getLogger(__name__)
 
@@ -48,41 +53,48 @@ class MaskStage(Stage):
         super().__init__(cfg, hub)
         self.segmenter = self.backend("segmenter", Segmenter)
         self.segmenter_source = f"segmenter:{self.segmenter.backend}"
+        self.device = device_of(self.segmenter)
 
     def process(self, records: list[ImageRecord]) -> None:
         for record in records:
             objects = all_objects(record)
             if not objects:
                 continue
+            store = ObjectMasks.of(record, self.device)
             boxes = object_boxes(objects)
-            matched = self.attach_regions(record, objects, boxes)
+            matched = self.attach_regions(record, objects, boxes, store)
             missing = np.flatnonzero(~matched)
             if len(missing):
-                self.segment(record, [objects[i] for i in missing], boxes[missing])
+                self.segment(record, [objects[i] for i in missing], boxes[missing], store)
             logger.debug("%s: %d sa1b masks, %d segmented", record.image_id, int(matched.sum()), len(missing))
 
-    def attach_regions(self, record: ImageRecord, objects: list[dict], boxes: np.ndarray) -> np.ndarray:
+    def attach_regions(
+        self, record: ImageRecord, objects: list[dict], boxes: np.ndarray, store: ObjectMasks
+    ) -> np.ndarray:
         """Attach the best-overlapping SA-1B mask; returns (N,) bool, True where one was attached."""
         if not record.regions:
             return np.zeros(len(objects), dtype=bool)
         idx, _ = match_boxes(boxes, region_boxes(record.regions), self.cfg.level1.mask_iou)
         hits = np.flatnonzero(idx >= 0)
         if len(hits):
-            masks = rle.decode([record.regions[int(idx[i])].rle for i in hits])
-            spill = fraction_inside(masks, boxes[hits]) < self.cfg.level1.mask_containment
+            rles = [record.regions[int(idx[i])].rle for i in hits]
+            masks = store.masks(rles, boxes[hits])  # decoded once, kept for the later stages
+            spill = boxed.fraction_inside(masks, boxes[hits]) < self.cfg.level1.mask_containment
             idx[hits[spill]] = -1
         for obj, k in zip(objects, idx, strict=True):
             if k >= 0:
-                obj["segmentation"] = plain_rle(record.regions[int(k)].rle)
+                region_rle = record.regions[int(k)].rle
+                obj["segmentation"] = plain_rle(region_rle)
                 obj["segmentation_source"] = SA1B_SOURCE
+                store.alias(obj["segmentation"], region_rle)
         return idx >= 0
 
-    def segment(self, record: ImageRecord, objects: list[dict], boxes: np.ndarray) -> None:
+    def segment(
+        self, record: ImageRecord, objects: list[dict], boxes: np.ndarray, store: ObjectMasks
+    ) -> None:
         """One segmenter call for all ``objects`` of the image (one image embedding)."""
-        masks = np.asarray(self.segmenter.segment(record.pixels, boxes.astype(np.float32)))
-        expected = (len(objects), *image_size(record))
-        if masks.shape != expected:
-            raise ValueError(f"segmenter returned masks of shape {masks.shape}, expected {expected}")
-        for obj, encoded in zip(objects, rle.encode(masks), strict=True):
+        masks = segment_masks(self.segmenter, record.pixels, boxes.astype(np.float32))
+        for i, (obj, encoded) in enumerate(zip(objects, boxed.encode(masks), strict=True)):
             obj["segmentation"] = encoded
             obj["segmentation_source"] = self.segmenter_source
+            store.put(encoded, masks.take([i]))

@@ -3,7 +3,8 @@
 The reference describes regions with a captioning model run on crops. Each box is cut from the
 image with a margin (``pad``, 10% of the box side: a tight crop loses the context that tells a
 mug from a bucket); when the object's mask is given and not empty, pixels outside it are set to
-grey, so the caption is about the object rather than whatever shares its box.
+grey, so the caption is about the object rather than whatever shares its box. The crops are cut
+on the model's device (``vision_common.region_crops``), from the masks Level 1 keeps there.
 
 The BLIP-2 is loaded by ``blip2.load_blip2``, which keeps one copy per process and weights
 folder: with the captioner configured on the same weights, the actor holds BLIP-2 once.
@@ -18,27 +19,21 @@ import numpy as np
 
 from grand_pipeline.models.backends.blip2 import load_blip2, model_name
 from grand_pipeline.models.roles import RegionCaptioner, register_backend
+from grand_pipeline.models.vision_common import CROP_FILL, crop_window, region_crops
 
 logger = logging.getLogger(__name__)
 
-#: Outside-the-mask fill: mid grey is what BLIP's normalisation maps close to zero.
-BACKGROUND = 127
+#: Outside-the-mask fill: mid grey, what BLIP's normalisation maps close to zero.
+BACKGROUND = CROP_FILL
 
 
 def crop_region(image: np.ndarray, box: np.ndarray, mask: np.ndarray | None, pad: float) -> np.ndarray:
     """The padded crop of ``box`` (xyxy) from ``image``; outside ``mask`` greyed when it has pixels."""
     height, width = image.shape[:2]
-    x1, y1, x2, y2 = (float(v) for v in box)
-    mx, my = pad * max(x2 - x1, 1.0), pad * max(y2 - y1, 1.0)
-    left, top = int(max(0, np.floor(x1 - mx))), int(max(0, np.floor(y1 - my)))
-    right, bottom = int(min(width, np.ceil(x2 + mx))), int(min(height, np.ceil(y2 + my)))
-    if right - left < 2 or bottom - top < 2:  # a degenerate box: a small patch around its centre
-        cx, cy = int(np.clip((x1 + x2) / 2, 0, width - 1)), int(np.clip((y1 + y2) / 2, 0, height - 1))
-        left, right = max(0, cx - 4), min(width, cx + 4)
-        top, bottom = max(0, cy - 4), min(height, cy + 4)
+    left, top, right, bottom = crop_window(box, pad, height, width)
     crop = image[top:bottom, left:right].copy()
     if mask is not None:
-        inside = mask[top:bottom, left:right]
+        inside = np.asarray(mask)[top:bottom, left:right] != 0
         if inside.any():
             crop[~inside] = BACKGROUND
     return crop
@@ -71,8 +66,7 @@ class Blip2RegionCaptioner(RegionCaptioner):
             raise ValueError(f"{len(masks)} masks for {len(boxes)} boxes")
         if not len(boxes):
             return []
-        crops = [
-            crop_region(image, box, None if masks is None else masks[i], self.pad)
-            for i, box in enumerate(boxes)
-        ]
-        return self.blip2.generate(crops, self.prompt, self.max_new_tokens, self.batch_size)
+        crops = region_crops(image, boxes, masks, self.pad, self.blip2.device)
+        return self.blip2.generate(
+            [c.cpu().numpy() for c in crops], self.prompt, self.max_new_tokens, self.batch_size
+        )

@@ -9,7 +9,8 @@ This is that, with any CLIP-family checkpoint in Hugging Face layout (``CLIPMode
 ``clip_landmark`` on the same weights reuses it. The network itself is loaded with
 ``clip_tagger.load_clip`` under the tagger's sharing key, so a process that also runs the
 ``clip_tagger`` on the same weights (the local executor; an actor holding both levels) keeps a
-single CLIP. Text features are cached (labels and landmark prompts repeat across images).
+single CLIP. Text features are cached (labels and landmark prompts repeat across images). Crops
+are cut on CLIP's device and its (torchvision-backed) image processor resizes them there.
 
 ``tiny:<seed>`` saves a random CLIP (ViT 32 px / patch 8, 2-layer text tower, 16-d projection)
 with an offline word-level tokenizer and a 32 px ``CLIPImageProcessor``.
@@ -18,6 +19,7 @@ with an offline word-level tokenizer and a 32 px ``CLIPImageProcessor``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,9 @@ import torch
 from PIL import Image
 
 from grand_pipeline.models import hf_common
-from grand_pipeline.models.backends.blip2_region import crop_region
 from grand_pipeline.models.backends.clip_tagger import load_clip as load_clip_folder
 from grand_pipeline.models.roles import LabelAssigner, register_backend
+from grand_pipeline.models.vision_common import region_crops, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,17 @@ def _features(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+def _as_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(image, torch.Tensor):
+        return image
+    arr = np.asarray(image)
+    return torch.from_numpy(np.ascontiguousarray(arr) if arr.flags.writeable else arr.copy())
+
+
+def _as_array(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    return image.cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+
+
 class ClipScorer:
     """Unit-norm CLIP image and text embeddings, float32 numpy; one instance per process and folder."""
 
@@ -71,17 +84,31 @@ class ClipScorer:
         #: CLIP's learned temperature: cosines times this are the logits CLIP was trained on.
         self.logit_scale = float(self.model.logit_scale.exp().item())
         self._text_cache: dict[str, np.ndarray] = {}
+        mro = {cls.__name__ for cls in type(self.image_processor).__mro__}
+        self.on_device = "TorchvisionBackend" in mro
 
-    def images(self, images: list[np.ndarray]) -> np.ndarray:
+    def images(self, images: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray:
+        """(N, D) embeddings of (H, W, 3) uint8 images, numpy or tensors (e.g. crops on the device)."""
         out = []
         for lo in range(0, len(images), self.batch_size):
-            batch = [Image.fromarray(np.ascontiguousarray(img)) for img in images[lo : lo + self.batch_size]]
-            pixels = self.image_processor(images=batch, return_tensors="pt")["pixel_values"]
+            pixels = self._pixels(images[lo : lo + self.batch_size])
             with torch.inference_mode():
                 feats = _features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
             out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
         dim = int(self.model.config.projection_dim)
         return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+
+    def _pixels(self, images: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
+        """The processor's pixel_values. A torchvision-backed processor resizes and normalises on
+        the model's device, from uint8 tensors (channels last, given explicitly: a crop 3 px high
+        would otherwise read as channels first); it gives the same values as from PIL images."""
+        if self.on_device:
+            tensors = [to_device(_as_tensor(img), self.device) for img in images]
+            return self.image_processor(
+                images=tensors, return_tensors="pt", device=self.device, input_data_format="channels_last"
+            )["pixel_values"]
+        pictures = [Image.fromarray(np.ascontiguousarray(_as_array(img))) for img in images]
+        return self.image_processor(images=pictures, return_tensors="pt")["pixel_values"]
 
     def texts(self, texts: list[str]) -> np.ndarray:
         missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
@@ -150,7 +177,9 @@ class ClipLabelAssigner(LabelAssigner):
         if not ambiguous or (image is None and not context.strip()):
             return out
         if image is not None:
-            queries = self.clip.images([crop_region(image, boxes[i], None, self.pad) for i in ambiguous])
+            # Crops cut on CLIP's device, where its processor resizes them.
+            crops = region_crops(image, boxes[ambiguous], None, self.pad, self.clip.device)
+            queries = self.clip.images(crops)
         else:
             queries = np.repeat(self.clip.texts([context]), len(ambiguous), axis=0)
         for query, i in zip(queries, ambiguous, strict=True):

@@ -1,7 +1,8 @@
 """Colour + class phrases for regions ("white cup"): a labelled stand-in for GRiT/BLIP-2 captions.
 
 For each region the dominant colour is the most frequent palette name among the pixels inside
-its mask (the box when the mask is missing or empty); every pixel is named from its HSV value by
+its mask (the box when the mask is missing or empty; Level 1's tight-box masks are read only
+inside their boxes); every pixel is named from its HSV value by
 fixed thresholds (see :func:`colour_indices`). The noun is the shared tagger's top-1 class on the
 box crop, from one batched ``classify_crops`` call per image. The backend is ``heuristic = True``
 so every phrase it writes is labelled as such in provenance.
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from grand_pipeline.geometry.boxed import BoxedMasks
 from grand_pipeline.models.roles import RegionCaptioner, register_backend
 
 logger = logging.getLogger(__name__)
@@ -78,6 +80,20 @@ def dominant_colour(pixels: np.ndarray) -> str:
     return PALETTE[int(counts.argmax())]
 
 
+def mask_pixels(image: np.ndarray, masks: Any, i: int) -> np.ndarray:
+    """uint8 (P, 3) pixels of mask ``i`` in row-major order; (0, 3) without a mask.
+
+    A ``BoxedMasks`` mask is read inside its tight box only: the same pixels in the same order
+    as ``image[dense_mask]``, without a full-image pass per region.
+    """
+    if masks is None:
+        return np.zeros((0, 3), dtype=np.uint8)
+    if isinstance(masks, BoxedMasks):
+        x1, y1, x2, y2 = (int(v) for v in masks.boxes[i])
+        return image[y1:y2, x1:x2][masks.crops[i].cpu().numpy()]
+    return image[np.asarray(masks[i]).astype(bool)]
+
+
 def _int_box(box: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
     """Float xyxy -> integer slice bounds inside the image, never empty."""
     x1, y1, x2, y2 = (float(v) for v in box)
@@ -109,10 +125,11 @@ class ColourTagger(RegionCaptioner):
         height, width = arr.shape[:2]
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         if masks is not None:
-            masks = np.asarray(masks)
-            if masks.shape != (len(boxes), height, width):
+            # Tight-box masks (Level 1's) are read crop by crop; anything else as dense masks.
+            masks = masks if isinstance(masks, BoxedMasks) else np.asarray(masks)
+            if tuple(masks.shape) != (len(boxes), height, width):
                 raise ValueError(
-                    f"masks must be (N, H, W) = {(len(boxes), height, width)}, got {masks.shape}"
+                    f"masks must be (N, H, W) = {(len(boxes), height, width)}, got {tuple(masks.shape)}"
                 )
         if len(boxes) == 0:
             return []
@@ -121,12 +138,8 @@ class ColourTagger(RegionCaptioner):
             x1, y1, x2, y2 = _int_box(box, height, width)
             crop = arr[y1:y2, x1:x2]
             crops.append(np.ascontiguousarray(crop))
-            mask = masks[i] if masks is not None else None
-            if mask is not None and mask.any():
-                pixels = arr[mask.astype(bool)]
-            else:
-                pixels = crop.reshape(-1, 3)
-            colours.append(dominant_colour(pixels))
+            pixels = mask_pixels(arr, masks, i)
+            colours.append(dominant_colour(pixels if len(pixels) else crop.reshape(-1, 3)))
         tags = self.tagger.classify_crops(crops, top_k=1)
         phrases = []
         for colour, top in zip(colours, tags, strict=True):

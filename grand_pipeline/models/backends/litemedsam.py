@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from grand_pipeline.geometry import boxed
+from grand_pipeline.geometry.boxed import BoxedMasks
 from grand_pipeline.models import weights
 from grand_pipeline.models.roles import Segmenter, register_backend
 
@@ -116,14 +119,17 @@ class LiteMedSAM(Segmenter):
         height, width = arr.shape[:2]
         scale = INPUT_SIZE / max(height, width)
         new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-        x = torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1)[None]
+        # Resized and normalised on the model's device: only the uint8 image crosses to it.
+        host = (
+            np.ascontiguousarray(arr) if arr.flags.writeable else arr.copy()
+        )  # from_numpy warns on read-only
+        x = torch.from_numpy(host).to(self.device).permute(2, 0, 1)[None].float()
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
         if self.normalize == "minmax":
             x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-8)
         else:
-            x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
-                1, 3, 1, 1
-            )
+            mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+            x = (x - mean) / torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         # Zero padding after normalisation, as LiteMedSAM's reference inference pads.
         x = F.pad(x, (0, INPUT_SIZE - new_w, 0, INPUT_SIZE - new_h))
         return x, scale, new_h, new_w
@@ -137,6 +143,44 @@ class LiteMedSAM(Segmenter):
         b[:, 2] = np.maximum(b[:, 2], b[:, 0] + 1)
         b[:, 3] = np.maximum(b[:, 3], b[:, 1] + 1)
         return b
+
+    def _chunks(
+        self, image: np.ndarray, boxes: np.ndarray
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(first box index, logits (c, H, W) float32, predicted IoU (c,)) per decoder batch, on the device.
+
+        Callers iterate it inside ``torch.inference_mode()`` (a ``with`` in a generator would stay
+        entered, thread-wide, while the generator is suspended).
+
+        ``boxes``: (N >= 1, 4) float32 xyxy already cleaned (``_clean_boxes``).
+        """
+        height, width = image.shape[:2]
+        x, scale, new_h, new_w = self._preprocess(image)
+        # nn.Module.__getattr__ is typed Tensor | Module; these three are submodules, and SAM's
+        # PromptEncoder adds get_dense_pe(), which nn.Module does not declare.
+        image_encoder = cast(torch.nn.Module, self.net.image_encoder)
+        prompt_encoder = cast(Any, self.net.prompt_encoder)
+        mask_decoder = cast(torch.nn.Module, self.net.mask_decoder)
+        embedding = image_encoder(x.to(self.device))  # (1, 256, 64, 64), once per image
+        dense_pe = prompt_encoder.get_dense_pe()
+        for lo in range(0, len(boxes), self.batch_size):
+            chunk = torch.from_numpy(boxes[lo : lo + self.batch_size] * scale).to(self.device)
+            sparse, dense = prompt_encoder(points=None, boxes=chunk[:, None, :], masks=None)
+            low_res, iou = mask_decoder(
+                image_embeddings=embedding,
+                image_pe=dense_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            # Upsample per chunk: (chunk, H, W) float32 is the largest tensor ever held.
+            logits = F.interpolate(
+                low_res[..., :new_h, :new_w].float(),
+                size=(height, width),
+                mode="bilinear",
+                align_corners=False,
+            )[:, 0]
+            yield lo, logits, iou[:, 0].float()
 
     def segment_with_scores(
         self, image: np.ndarray, boxes: np.ndarray
@@ -156,40 +200,28 @@ class LiteMedSAM(Segmenter):
         stability = np.zeros(n, np.float32)
         if n == 0:
             return masks, iou_pred, stability
-        x, scale, new_h, new_w = self._preprocess(arr)
-        # nn.Module.__getattr__ is typed Tensor | Module; these three are submodules, and SAM's
-        # PromptEncoder adds get_dense_pe(), which nn.Module does not declare.
-        image_encoder = cast(torch.nn.Module, self.net.image_encoder)
-        prompt_encoder = cast(Any, self.net.prompt_encoder)
-        mask_decoder = cast(torch.nn.Module, self.net.mask_decoder)
         with torch.inference_mode():
-            embedding = image_encoder(x.to(self.device))  # (1, 256, 64, 64), once per image
-            dense_pe = prompt_encoder.get_dense_pe()
-            for lo in range(0, n, self.batch_size):
-                chunk = torch.from_numpy(boxes[lo : lo + self.batch_size] * scale).to(self.device)
-                sparse, dense = prompt_encoder(points=None, boxes=chunk[:, None, :], masks=None)
-                low_res, iou = mask_decoder(
-                    image_embeddings=embedding,
-                    image_pe=dense_pe,
-                    sparse_prompt_embeddings=sparse,
-                    dense_prompt_embeddings=dense,
-                    multimask_output=False,
-                )
-                # Upsample per chunk: (chunk, H, W) float32 is the largest tensor ever held.
-                logits = F.interpolate(
-                    low_res[..., :new_h, :new_w].float(),
-                    size=(height, width),
-                    mode="bilinear",
-                    align_corners=False,
-                )[:, 0]
-                hi = lo + len(chunk)
+            for lo, logits, iou in self._chunks(arr, boxes):
+                hi = lo + len(logits)
                 masks[lo:hi] = (logits > self.logit_threshold).cpu().numpy()
                 inter = (logits > STABILITY_OFFSET).flatten(1).sum(1).float()
                 union = (logits > -STABILITY_OFFSET).flatten(1).sum(1).float()
                 stability[lo:hi] = torch.where(union > 0, inter / union.clamp(min=1), 0.0).cpu().numpy()
-                iou_pred[lo:hi] = iou[:, 0].float().cpu().numpy()
+                iou_pred[lo:hi] = iou.cpu().numpy()
         return masks, iou_pred, stability
 
     def segment(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """Box prompts -> bool (N, H, W) masks at the image's size; one encoder pass."""
         return self.segment_with_scores(image, boxes)[0]
+
+    def segment_boxed(self, image: np.ndarray, boxes: np.ndarray) -> BoxedMasks:
+        """``segment``'s masks kept on the device as tight-box crops (Level 1's ``ObjectMasks``)."""
+        arr = np.asarray(image)
+        height, width = arr.shape[:2]
+        cleaned = self._clean_boxes(boxes, height, width)
+        parts = []
+        if len(cleaned):
+            with torch.inference_mode():
+                chunks = self._chunks(arr, cleaned)
+                parts = [boxed.from_dense(logits > self.logit_threshold) for _, logits, _ in chunks]
+        return BoxedMasks.concat(parts, (height, width), self.device)

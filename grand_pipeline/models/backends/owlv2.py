@@ -97,7 +97,10 @@ class OWLv2Detector(Detector):
 
     def _detect(self, images: list[np.ndarray], queries: list[list[str]]) -> list[Detections]:
         texts = [[self.prompt.format(q) for q in names] for names in queries]
-        inputs = self.processor(text=texts, images=images, return_tensors="pt")
+        # device=: OWLv2's processor pads each image to a square and Gaussian-blurs it before the
+        # resize (a convolution over the full image); on the host that was the detect stage's
+        # CPU convolution. The torchvision-backed processor runs it where the model is.
+        inputs = self.processor(text=texts, images=images, return_tensors="pt", device=self.device)
         with torch.inference_mode():
             outputs = self.model(**batch_to_device(inputs, self.device, self.dtype))
         outputs.logits = outputs.logits.float()

@@ -10,11 +10,13 @@ and loads it through the same function.
 Inference follows ``SamPredictor``: longest side resized to 1024, pixel mean/std, zero padding to
 1024x1024, one image-encoder pass per image, boxes decoded ``batch_size`` at a time with
 ``multimask_output=False``, logits cropped and upsampled to (H, W), thresholded at 0.
+``segment_boxed`` keeps the thresholded masks on the device, cropped to their tight boxes.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from grand_pipeline.geometry import boxed
+from grand_pipeline.geometry.boxed import BoxedMasks
 from grand_pipeline.models import weights
 from grand_pipeline.models.roles import Segmenter, register_backend
 from grand_pipeline.models.vision_common import check_images, options, runtime, seeded_build, to_device
@@ -164,6 +168,39 @@ class SamSegmenter(Segmenter):
         x = F.pad((x - mean) / std, (0, IMAGE_SIZE - new_w, 0, IMAGE_SIZE - new_h))
         return x.to(self.dtype), new_h, new_w
 
+    def _chunks(
+        self, image: np.ndarray, boxes: np.ndarray
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(first box index, logits (c, H, W) float32, predicted IoU (c,)) per decoder batch, on the device.
+
+        Callers iterate it inside ``torch.inference_mode()`` (a ``with`` in a generator would stay
+        entered, thread-wide, while the generator is suspended).
+
+        ``image`` is checked RGB uint8; ``boxes`` (N >= 1, 4) float32 xyxy pixels.
+        """
+        height, width = image.shape[:2]
+        scale = IMAGE_SIZE / max(height, width)
+        x, new_h, new_w = self._preprocess(image)
+        embedding = self.net.image_encoder(x)  # (1, C, 64, 64): the one encoder pass
+        dense_pe = self.net.prompt_encoder.get_dense_pe()
+        for lo in range(0, len(boxes), self.batch_size):
+            chunk = to_device(torch.from_numpy(boxes[lo : lo + self.batch_size] * scale), self.device)
+            sparse, dense = self.net.prompt_encoder(points=None, boxes=chunk, masks=None)
+            low_res, iou = self.net.mask_decoder(
+                image_embeddings=embedding,
+                image_pe=dense_pe,
+                sparse_prompt_embeddings=sparse.to(self.dtype),
+                dense_prompt_embeddings=dense.to(self.dtype),
+                multimask_output=False,
+            )
+            # As Sam.postprocess_masks: to the padded 1024 frame, crop the padding, then to (H, W).
+            logits = F.interpolate(
+                low_res.float(), (IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
+            )
+            logits = logits[..., :new_h, :new_w]
+            logits = F.interpolate(logits, (height, width), mode="bilinear", align_corners=False)[:, 0]
+            yield lo, logits, iou[:, 0].float()
+
     def segment_with_scores(
         self, image: np.ndarray, boxes: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -177,35 +214,31 @@ class SamSegmenter(Segmenter):
         stability = np.zeros(n, np.float32)
         if n == 0:
             return masks, iou_pred, stability
-        scale = IMAGE_SIZE / max(height, width)
         with torch.inference_mode():
-            x, new_h, new_w = self._preprocess(image)
-            embedding = self.net.image_encoder(x)  # (1, C, 64, 64): the one encoder pass
-            dense_pe = self.net.prompt_encoder.get_dense_pe()
-            for lo in range(0, n, self.batch_size):
-                chunk = to_device(torch.from_numpy(b[lo : lo + self.batch_size] * scale), self.device)
-                sparse, dense = self.net.prompt_encoder(points=None, boxes=chunk, masks=None)
-                low_res, iou = self.net.mask_decoder(
-                    image_embeddings=embedding,
-                    image_pe=dense_pe,
-                    sparse_prompt_embeddings=sparse.to(self.dtype),
-                    dense_prompt_embeddings=dense.to(self.dtype),
-                    multimask_output=False,
-                )
-                # As Sam.postprocess_masks: to the padded 1024 frame, crop the padding, then to (H, W).
-                logits = F.interpolate(
-                    low_res.float(), (IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
-                )
-                logits = logits[..., :new_h, :new_w]
-                logits = F.interpolate(logits, (height, width), mode="bilinear", align_corners=False)[:, 0]
-                hi = lo + len(chunk)
+            for lo, logits, iou in self._chunks(image, b):
+                hi = lo + len(logits)
                 masks[lo:hi] = (logits > self.mask_threshold).cpu().numpy()
                 inter = (logits > self.mask_threshold + STABILITY_OFFSET).flatten(1).sum(1).float()
                 union = (logits > self.mask_threshold - STABILITY_OFFSET).flatten(1).sum(1).float()
                 stability[lo:hi] = (inter / union.clamp(min=1)).cpu().numpy()
-                iou_pred[lo:hi] = iou[:, 0].float().cpu().numpy()
+                iou_pred[lo:hi] = iou.cpu().numpy()
         return masks, iou_pred, stability
 
     def segment(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """Box prompts (N, 4) xyxy -> bool (N, H, W) masks; one image embedding per call."""
         return self.segment_with_scores(image, boxes)[0]
+
+    def segment_boxed(self, image: np.ndarray, boxes: np.ndarray) -> BoxedMasks:
+        """``segment``'s masks kept on the device as tight-box crops (Level 1's ``ObjectMasks``).
+
+        Upsampling and thresholding happen on the device as in ``segment``; only each mask's
+        tight box is kept there, and nothing full-resolution comes back to the host.
+        """
+        (image,) = check_images([image], "sam")
+        b = np.asarray(boxes, np.float32).reshape(-1, 4)
+        parts = []
+        if len(b):
+            with torch.inference_mode():
+                chunks = self._chunks(image, b)
+                parts = [boxed.from_dense(logits > self.mask_threshold) for _, logits, _ in chunks]
+        return BoxedMasks.concat(parts, image.shape[:2], self.device)
