@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from grand_pipeline.models.roles import Detections, Detector, register_backend
+from grand_pipeline.models.roles import LLM, ChatPrompt, Detections, Detector, Generation, register_backend
 
 
 @register_backend("detector", "die_once")
@@ -20,3 +20,17 @@ class DieOnce(Detector):
             flag.write_text("died")
             os._exit(1)  # no cleanup, like an OOM kill of the actor process
         return [Detections.empty("die_once") for _ in images]
+
+
+@register_backend("llm", "broken_llm")
+class BrokenLLM(LLM):
+    """An LLM engine that fails every call; with ``options.after_probe`` it first answers the
+    start-up probe, so the run starts and every unit's generations fail (a node losing its GPU)."""
+
+    def count_tokens(self, prompt: ChatPrompt) -> int:
+        return sum(len(m["content"].split()) for m in prompt.messages)
+
+    def generate(self, prompts, *, temperature: float = 0.0, seed: int = 0):
+        if self.spec.options.get("after_probe") and all(p.prefix_key == "startup_check" for p in prompts):
+            return [Generation(text="Blue.", finish_reason="stop") for _ in prompts]
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")

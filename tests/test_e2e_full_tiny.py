@@ -64,8 +64,8 @@ def test_tiny_profile_uses_the_full_profile_backends() -> None:
 
 def test_levels_1_to_4_commit_and_every_row_is_ok(run_dir: Path) -> None:
     for level in (1, 2, 3, 4):
-        marker = json.loads((run_dir / f"level{level}" / "sa_000040.success.json").read_text())
-        table = pq.read_table(run_dir / f"level{level}" / "sa_000040.parquet", use_threads=False)
+        marker = json.loads((run_dir / f"level{level}" / "sa_000040@00000.success.json").read_text())
+        table = pq.read_table(run_dir / f"level{level}" / "sa_000040@00000.parquet", use_threads=False)
         assert table.schema.equals(level_schema(level), check_metadata=False)
         rows = table.to_pylist()
         assert len(rows) == 2 == marker["rows"]
@@ -76,7 +76,7 @@ def test_levels_1_to_4_commit_and_every_row_is_ok(run_dir: Path) -> None:
 
 def test_provenance_names_full_backends_and_their_weights(run_dir: Path) -> None:
     for level, expected in EXPECTED.items():
-        rows = pq.read_table(run_dir / f"level{level}" / "sa_000040.parquet", use_threads=False).to_pylist()
+        rows = pq.read_table(run_dir / f"level{level}" / "sa_000040@00000.parquet", use_threads=False).to_pylist()
         used = {b["backend"]: b for row in rows if row["status"] == "ok" for b in row["provenance"]["backends"]}
         assert expected <= set(used), f"level {level}: {sorted(used)}"
         for name in expected - {"spacy"}:
@@ -93,7 +93,7 @@ def test_provenance_names_full_backends_and_their_weights(run_dir: Path) -> None
 def test_every_grounded_phrase_points_at_a_mask(run_dir: Path) -> None:
     # The random grounder's boxes match nothing, so level 2 makes new objects: each gets a mask.
     for level in (2, 3, 4):
-        rows = pq.read_table(run_dir / f"level{level}" / "sa_000040.parquet", use_threads=False).to_pylist()
+        rows = pq.read_table(run_dir / f"level{level}" / "sa_000040@00000.parquet", use_threads=False).to_pylist()
         for row in rows:
             objects = row["objects"] + row["floating_objects"]
             assert all(o["segmentation"] is not None for o in objects), (level, row["image_id"])

@@ -50,17 +50,17 @@ def test_level_by_level_then_export(staged, tmp_path) -> None:
 
     third = _run(inp, out, "--level", "3")
     assert third.exit_code == 0, third.output
-    assert (out / "level3" / "sa_000030.success.json").exists()
+    assert (out / "level3" / "sa_000030@00000.success.json").exists()
     assert not (out / "level4").exists(), "--level 3 must run level 3 only"
     again = _run(inp, out, "--level", "3")
     assert again.exit_code == 0 and "nothing to do" in again.output
 
     assert _run(inp, out, "--level", "4").exit_code == 0
     for level in (2, 3, 4):
-        table = pq.read_table(out / f"level{level}" / "sa_000030.parquet", use_threads=False)
+        table = pq.read_table(out / f"level{level}" / "sa_000030@00000.parquet", use_threads=False)
         assert table.schema.equals(level_schema(level), check_metadata=False)
         assert table.num_rows == 2
-    rows = pq.read_table(out / "level4" / "sa_000030.parquet", use_threads=False).to_pylist()
+    rows = pq.read_table(out / "level4" / "sa_000030@00000.parquet", use_threads=False).to_pylist()
     for row in rows:
         assert row["status"] == "ok", row["error"]
         dense = row["dense_caption"]

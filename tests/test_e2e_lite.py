@@ -32,7 +32,7 @@ def lite_output(tmp_path_factory) -> Path:
 
 
 def _rows(out: Path, level: int = 1) -> dict[str, dict]:
-    table = pq.read_table(out / f"level{level}" / "sa_000000.parquet", use_threads=False)
+    table = pq.read_table(out / f"level{level}" / "sa_000000@00000.parquet", use_threads=False)
     return {row["image_id"]: row for row in table.to_pylist()}
 
 

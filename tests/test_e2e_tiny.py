@@ -47,13 +47,13 @@ def test_local_run_commits_level1(sample_dir: Path, tmp_path: Path) -> None:
     result = grand("run", "-i", str(sample_dir), "-o", str(out), "--profile", "tiny-lite", "--executor", "local")
     assert result.exit_code == 0, result.output
     for shard, rows in (("sa_000000", 3), ("sa_000001", 2)):
-        table = pq.read_table(out / "level1" / f"{shard}.parquet")
+        table = pq.read_table(out / "level1" / f"{shard}@00000.parquet")
         assert table.schema.equals(level_schema(1), check_metadata=False)
         assert table.num_rows == rows
-        marker = json.loads((out / "level1" / f"{shard}.success.json").read_text())
+        marker = json.loads((out / "level1" / f"{shard}@00000.success.json").read_text())
         assert marker["rows"] == rows and marker["ok"] + marker["failed"] == rows
         assert set(marker["stage_seconds"]) >= {"tags", "detect", "vote", "masks", "depth"}
-    row = pq.read_table(out / "level1" / "sa_000000.parquet").to_pylist()[0]
+    row = pq.read_table(out / "level1" / "sa_000000@00000.parquet").to_pylist()[0]
     assert row["status"] == "ok" and row["error"] is None
     used = {(b["stage"], b["backend"], b["heuristic"]) for b in row["provenance"]["backends"]}
     assert ("detect", "nanodet_onnx", False) in used
@@ -75,7 +75,7 @@ def test_rerun_is_a_no_op_and_level2_needs_its_level(sample_dir: Path, tmp_path:
     out = tmp_path / "out"
     args = ["run", "-i", str(sample_dir), "-o", str(out), "--profile", "tiny-lite", "--executor", "local"]
     assert grand(*args).exit_code == 0
-    marker = out / "level1" / "sa_000000.success.json"
+    marker = out / "level1" / "sa_000000@00000.success.json"
     before = marker.read_bytes()
     again = grand(*args)
     assert again.exit_code == 0
@@ -90,11 +90,11 @@ def test_overwrite_recommits_identical_content(sample_dir: Path, tmp_path: Path)
     out = tmp_path / "out"
     args = ["run", "-i", str(sample_dir), "-o", str(out), "--profile", "tiny-lite", "--executor", "local"]
     assert grand(*args).exit_code == 0
-    first = (out / "level1" / "sa_000001.parquet").read_bytes()
-    attempt = json.loads((out / "level1" / "sa_000001.success.json").read_text())["attempt"]
+    first = (out / "level1" / "sa_000001@00000.parquet").read_bytes()
+    attempt = json.loads((out / "level1" / "sa_000001@00000.success.json").read_text())["attempt"]
     assert grand(*args, "--mode", "overwrite").exit_code == 0
-    assert (out / "level1" / "sa_000001.parquet").read_bytes() == first
-    assert json.loads((out / "level1" / "sa_000001.success.json").read_text())["attempt"] > attempt
+    assert (out / "level1" / "sa_000001@00000.parquet").read_bytes() == first
+    assert json.loads((out / "level1" / "sa_000001@00000.success.json").read_text())["attempt"] > attempt
 
 
 def _broken_shard(folder: Path, sample_dir: Path) -> Path:
@@ -122,12 +122,12 @@ def test_bad_inputs_become_error_rows_and_the_shard_commits(sample_dir, tmp_path
     out = tmp_path / "out"
     result = grand("run", "-i", str(broken), "-o", str(out), "--profile", "tiny-lite", "--executor", "local")
     assert result.exit_code == 0, result.output
-    rows = {r["image_id"]: r for r in pq.read_table(out / "level1" / "sa_000009.parquet").to_pylist()}
+    rows = {r["image_id"]: r for r in pq.read_table(out / "level1" / "sa_000009@00000.parquet").to_pylist()}
     assert set(rows) == {"sa_1", "sa_2", "sa_3"}
     assert rows["sa_1"]["status"] == "error" and rows["sa_1"]["error_stage"] == "decode"
     assert rows["sa_2"]["status"] == "error" and "annotation 999" in rows["sa_2"]["error"]
     assert rows["sa_3"]["status"] == "error" and "json" in rows["sa_3"]["error"].lower()
-    marker = json.loads((out / "level1" / "sa_000009.success.json").read_text())
+    marker = json.loads((out / "level1" / "sa_000009@00000.success.json").read_text())
     assert marker["failed"] == 3 and marker["failures_by_stage"] == {"decode": 1, "read": 2}
     status = json.loads(grand("status", "-o", str(out), "--json").output)
     assert status["levels"][0]["images_failed"] == 3

@@ -60,18 +60,18 @@ def test_dead_actor_is_replaced_and_its_shard_retried(shards, tmp_path, ray_sess
     events = []
     summary = run(cfg, RunRequest(str(shards), str(tmp_path / "out"), [1], limit=1), "ray", events.append)
     assert flag.exists(), "the fault never fired"
-    errors = [e for e in events if e["type"] == "shard_error"]
+    errors = [e for e in events if e["type"] == "unit_error"]
     assert len(errors) == 1 and "actor died" in errors[0]["error"]
     assert summary.committed == {1: 1} and not summary.failed
-    assert (tmp_path / "out" / "level1" / "sa_000010.success.json").exists()
+    assert (tmp_path / "out" / "level1" / "sa_000010@00000.success.json").exists()
 
 
 def test_retry_budget_is_bounded(shards, tmp_path, ray_session) -> None:
     cfg = load_config("tiny-lite", overrides=["engine.max_shard_retries=0", "plugins=[tests.fault_plugin]",
                                          f"models.detectors.flaky={{backend: die_once, options: {{flag: '{tmp_path / 'f'}'}}}}"])
     summary = run(cfg, RunRequest(str(shards), str(tmp_path / "out"), [1], limit=1), "ray")
-    assert summary.failed and "level1/sa_000010" in summary.failed
-    assert not (tmp_path / "out" / "level1" / "sa_000010.success.json").exists()
+    assert summary.failed and "level1/sa_000010@00000" in summary.failed
+    assert not (tmp_path / "out" / "level1" / "sa_000010@00000.success.json").exists()
 
 
 def test_pools_that_cannot_coexist_still_finish(shards, tmp_path, ray_session) -> None:

@@ -153,6 +153,8 @@ class LevelRunner:
         parts: list[pa.Table] = []
         micro = self.cfg.pool(self.level).micro_batch
         first_error: str | None = None
+        llm_stages = {stage.name for stage in self.stages if "llm" in stage.models}
+        llm_rows = llm_failed = 0  # rows that reached an LLM stage, and those it failed
 
         def hook(stage: str, ok: int, failed: int, seconds: float) -> None:
             self.metrics.stage_done(self.level, stage, ok, failed, seconds)
@@ -167,7 +169,12 @@ class LevelRunner:
                 for stage in self.stages:
                     stage(batch, hook)
             parts.append(pa.Table.from_pylist([self._row(record) for record in batch], schema=self.spec.schema))
-            first_error = first_error or next((r.error for r in batch if r.error), None)
+            for record in batch:
+                if record.ok or record.error_stage in llm_stages:
+                    llm_rows += 1
+                if record.error_stage in llm_stages:
+                    llm_failed += 1
+                    first_error = first_error or record.error
             for record in batch:
                 record.image = None  # free pixels as soon as the batch is done
         table = pa.concat_tables(parts) if parts else self.spec.schema.empty_table()
@@ -191,7 +198,10 @@ class LevelRunner:
         for key, counts in self.metrics.llm_counts_for(self.level).items():
             delta = {k: n - llm_before[key].get(k, 0) for k, n in counts.items()}
             stats[key] = {k: n for k, n in delta.items() if n}
-        _refuse_dead_llm(unit, stats, first_error)
+        if llm_stages and llm_rows and llm_failed == llm_rows:
+            # Every row that reached the LLM failed there: a broken model, not bad images.
+            # Raising makes the driver retry the unit and, once the budget is spent, exit non-zero.
+            raise UnitFailed(f"unit {unit.unit_id}: the LLM failed on all {llm_rows} row(s): {first_error}")
         return table, stats
 
     def _row(self, record: ImageRecord) -> dict[str, Any]:
@@ -226,14 +236,3 @@ def _take(image_id: str, ahead: dict[str, SourceImage], sources: Iterator[Source
         ahead[item.image_id] = item
     return None
 
-
-def _refuse_dead_llm(unit: UnitRef, stats: dict[str, Any], first_error: str | None) -> None:
-    """A unit in which every LLM attempt failed to generate is a broken model, not bad images:
-    raising makes the driver retry it and, once the budget is spent, exit non-zero naming it."""
-    attempts = sum((stats.get("llm_attempts") or {}).values())
-    failed = (stats.get("verify_failures") or {}).get("generation_error", 0)
-    if attempts and failed >= attempts:
-        raise UnitFailed(
-            f"unit {unit.unit_id}: all {attempts} LLM attempt(s) failed to generate"
-            + (f" ({first_error})" if first_error else "")
-        )
