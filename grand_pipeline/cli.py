@@ -303,10 +303,10 @@ def retry_failed(
     cfg = load_config(profile, config, set_ or [])
     summary = run_retry(cfg, output, level, input)
     if not summary.recomputed:
-        typer.echo(f"level {level}: no failed images in committed shards")
+        typer.echo(f"level {level}: no failed images in committed units")
         return
     for lvl, shards in sorted(summary.recomputed.items()):
-        typer.echo(f"level {lvl}: {sum(map(len, shards.values()))} image(s) recomputed in {len(shards)} shard(s)")
+        typer.echo(f"level {lvl}: {sum(map(len, shards.values()))} image(s) recomputed in {len(shards)} unit(s)")
     typer.echo(f"level {level}: {summary.fixed} fixed, {summary.still_failed} still failed "
                f"(attempt {summary.attempt})")
 
@@ -320,7 +320,7 @@ def plan(
     config: Annotated[str | None, typer.Option(help="YAML merged over the profile.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="dotted.key=value override.")] = None,
 ) -> None:
-    """Actors and GPUs per level from measured throughput, and an ETA for the remaining shards."""
+    """Actors and GPUs per level from measured throughput, and an ETA for the remaining units."""
     from grand_pipeline.config import load_config
     from grand_pipeline.plan import make_plan
 
@@ -332,7 +332,7 @@ def plan(
                    f"{lv.gpus:>6.1f}{lv.actors * lv.cpus_per_actor:>6.0f}{lv.images_per_s:>9.2f}"
                    f"{lv.units_remaining:>6}  {lv.bottleneck_stage or '-'}")
     for level in result.unmeasured:
-        typer.echo(f"level {level}: no committed shard to measure; run a calibration shard first")
+        typer.echo(f"level {level}: no committed unit to measure; run a calibration shard first")
     eta = result.eta_s()
     typer.echo(f"pipeline: {result.images_per_s:.2f} img/s with {result.gpus_used:g}/{gpus:g} GPUs; "
                f"ETA {eta / 3600:.2f} h ({eta:.0f} s) for the remaining shards")

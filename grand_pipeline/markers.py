@@ -5,7 +5,6 @@ and ``grand plan`` read them.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import platform
 import time
@@ -22,7 +21,8 @@ def marker_record(
     attempt: int,
     stats: dict[str, Any],
     counts: dict[str, Any],
-    data: bytes,
+    parquet_bytes: int,
+    parquet_sha256: str,
     generation: int = 0,
 ) -> dict[str, Any]:
     """Build the marker of one commit. The table's own counts win over the caller's stats."""
@@ -55,8 +55,8 @@ def marker_record(
         stage_seconds={k: float(v) for k, v in (stats.get("stage_seconds") or {}).items()},
         models=stats.get("models"),
         config_hash=stats.get("config_hash"),
-        parquet_bytes=len(data),
-        parquet_sha256=hashlib.sha256(data).hexdigest(),
+        parquet_bytes=parquet_bytes,
+        parquet_sha256=parquet_sha256,
         committed_at=now,
     )
     return record

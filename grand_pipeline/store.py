@@ -53,13 +53,13 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from grand_pipeline import fencing
 from grand_pipeline.markers import marker_record
-from grand_pipeline.schemas import STATUS_ERROR, STATUS_OK, level_schema
+from grand_pipeline.schemas import level_schema
+from grand_pipeline.unit_writer import ROW_GROUP_ROWS, StagedUnit, UnitWriter
 from grand_pipeline.units import UNIT_ID_RE, ShardIndex, UnitError, split_unit_id
 
 logger = logging.getLogger(__name__)
@@ -72,23 +72,6 @@ _LEVEL_DIR_RE = re.compile(r"^level(\d+)$")
 _STAGED_ATTEMPT_RE = re.compile(r"\.a(\d+)\.[0-9a-f]{32}")
 _MARKER_REQUIRED = ("level", "unit", "attempt", "rows", "parquet_bytes", "parquet_sha256")
 UNITS_DIR = "units"
-#: Rows per Parquet row group: later levels stream a unit's rows a group at a time, so memory
-#: follows the micro-batch rather than the unit. Pinned, like every other option.
-ROW_GROUP_ROWS = 64
-
-# Every option is pinned, not left to pyarrow's defaults, so that a default changing between
-# versions cannot silently make a rerun's bytes differ. Arrow writes no timestamps into Parquet;
-# its only version-dependent field is ``created_by``, so identity holds within one pyarrow version.
-_PARQUET_OPTIONS: dict[str, Any] = dict(
-    compression="zstd",
-    compression_level=3,
-    use_dictionary=True,
-    write_statistics=True,
-    version="2.6",
-    data_page_version="1.0",
-    store_schema=True,
-    row_group_size=ROW_GROUP_ROWS,
-)
 
 
 def publish(fs: Any, src: str, dst: str) -> None:
@@ -184,22 +167,6 @@ def _first_difference(got: pa.Schema, want: pa.Schema) -> str:
     return f"field {got.field(len(want)).name!r} is not declared"
 
 
-def table_counts(table: pa.Table) -> dict[str, Any]:
-    """rows, ok, failed and failures_by_stage as recorded in the table's own columns."""
-    status = table.column("status")
-    errors = pc.equal(status, STATUS_ERROR)
-    by_stage: dict[str, int] = {}
-    stages = pc.fill_null(pc.filter(table.column("error_stage"), errors), "unknown")
-    for item in pc.value_counts(stages).to_pylist():
-        by_stage[item["values"]] = int(item["counts"])
-    return {
-        "rows": table.num_rows,
-        "ok": int(pc.sum(pc.cast(pc.equal(status, STATUS_OK), pa.int64())).as_py() or 0),
-        "failed": int(pc.sum(pc.cast(errors, pa.int64())).as_py() or 0),
-        "failures_by_stage": dict(sorted(by_stage.items())),
-    }
-
-
 class Store:
     """Output store rooted at ``uri``; the fs and root path come from ``fsspec.core.url_to_fs``."""
 
@@ -274,31 +241,45 @@ class Store:
         return digest.hexdigest()
 
     # ---- commit protocol ---------------------------------------------------------------------
+    def stage_writer(self, level: int, unit: str, attempt: int) -> UnitWriter:
+        """A writer that streams (level, unit)'s rows to a staging file of ``attempt``; its
+        ``close()`` gives the :class:`StagedUnit` that :meth:`commit_staged` publishes."""
+        check_unit_id(unit)  # before anything is created
+        staged = self._staging_path(self.level_dir(level), unit, attempt) + ".parquet"
+        self._makedirs(posixpath.dirname(staged))
+        return UnitWriter(self.fs, staged, level, unit, level_schema(level))
+
+    def check_schema(self, level: int, unit: str, table: pa.Table) -> None:
+        declared = level_schema(level)
+        if not table.schema.equals(declared, check_metadata=False):
+            raise SchemaMismatch(f"level {level} unit {unit}: {_first_difference(table.schema, declared)}")
+
     def commit(
         self, level: int, unit: str, table: pa.Table, stats: dict, attempt: int, replace: bool = False
     ) -> bool:
-        """Publish ``table`` as (level, unit). False when another commit is valid (fenced) or
-        another live attempt holds the claim; the caller's staging is discarded either way.
+        """Publish ``table`` as (level, unit): staged through a :class:`UnitWriter` (the bytes do
+        not depend on how the caller chunked its rows), then :meth:`commit_staged`."""
+        self.check_schema(level, unit, table)
+        writer = self.stage_writer(level, unit, attempt)
+        try:
+            writer.write(table)
+            staged = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        return self.commit_staged(staged, stats, attempt, replace)
 
-        Order: stage Parquet, claim (:mod:`grand_pipeline.fencing`), publish Parquet, publish
+    def commit_staged(self, staged: StagedUnit, stats: dict, attempt: int, replace: bool = False) -> bool:
+        """Publish a staged unit. False when another commit is valid (fenced) or another live
+        attempt holds the claim; the staged file is removed either way.
+
+        Order: (staged Parquet), claim (:mod:`grand_pipeline.fencing`), publish Parquet, publish
         marker. A crash before the marker leaves a Parquet without marker, which is not committed
         and is overwritten next time. ``replace`` rewrites a committed unit (retry-failed): the
         old marker is removed before the new Parquet is published.
         """
-        declared = level_schema(level)
-        if not table.schema.equals(declared, check_metadata=False):
-            raise SchemaMismatch(f"level {level} unit {unit}: {_first_difference(table.schema, declared)}")
+        level, unit = staged.level, staged.unit
         final, marker = self.parquet_path(level, unit), self.marker_path(level, unit)
-
-        # Rebuild on the declared schema (drops any schema metadata, e.g. pandas') and merge
-        # chunks, so that how the caller batched its rows cannot change the bytes written.
-        table = pa.Table.from_arrays(table.columns, schema=declared).combine_chunks()
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, **_PARQUET_OPTIONS)
-        data = sink.getvalue().to_pybytes()
-        staged = self._staging_path(self.level_dir(level), unit, attempt) + ".parquet"
-        self._makedirs(posixpath.dirname(staged))
-        self.fs.pipe_file(staged, data)
         claims = self.claim_dir(level, unit)
         try:
             if not replace and self.is_committed(level, unit):
@@ -316,11 +297,11 @@ class Store:
                 return False
             if replace:
                 self._remove(marker)
-            self._publish(staged, final)
+            self._publish(staged.path, final)
         finally:
-            self._remove(staged)
+            self._remove(staged.path)
 
-        record = marker_record(level, unit, attempt, stats, table_counts(table), data, claim.generation)
+        record = marker_record(level, unit, attempt, stats, staged.counts, staged.size, staged.sha256, claim.generation)
         if not fencing.still_owner(self.fs, claims, claim.generation):
             # Presumed dead (lease expired) and taken over while publishing: the new holder
             # writes the marker. The Parquet bytes are the same whoever published them.

@@ -1,7 +1,7 @@
 """Two attempts of one run writing at once (a RayJob retry overlapping the first driver).
 
-Two real ``grand run`` processes share input and output. Every (level, shard) must be committed
-exactly once: one claim per shard in the claim log, the marker naming that claim's attempt, and
+Two real ``grand run`` processes share input and output. Every (level, unit) must be committed
+exactly once: one claim per unit in the claim log, the marker naming that claim's attempt, and
 the bytes identical to one undisturbed run. Plus the fencing primitives on their own.
 """
 
@@ -18,6 +18,7 @@ import pytest
 from grand_pipeline import fencing
 from grand_pipeline.sample import make_sample
 from grand_pipeline.store import Store
+from grand_pipeline.units import unit_id
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,8 @@ def test_two_concurrent_runs_commit_each_shard_exactly_once(shards, tmp_path) ->
     reference = tmp_path / "reference"
     subprocess.run(_command(shards, reference), cwd=REPO, check=True, capture_output=True)
     expected = _snapshot(reference)
-    assert len(expected) == 4
+    # Two images a shard: one unit each.
+    assert sorted(expected) == [f"level1/{unit_id(f'sa_00003{k}', 0)}.parquet" for k in range(4)]
 
     out = tmp_path / "shared"
     procs = [subprocess.Popen(_command(shards, out), cwd=REPO, stdout=subprocess.PIPE,
@@ -59,15 +61,15 @@ def test_two_concurrent_runs_commit_each_shard_exactly_once(shards, tmp_path) ->
     commits_by_attempt = {1: 0, 2: 0}
     for level in (1,):
         markers = store.committed(level, verify=True)
-        assert len(markers) == 4
-        for shard, marker in markers.items():
-            log = fencing.claims(store.fs, store.claim_dir(level, shard))
+        assert sorted(markers) == [unit_id(f"sa_00003{k}", 0) for k in range(4)]
+        for unit, marker in markers.items():
+            log = fencing.claims(store.fs, store.claim_dir(level, unit))
             # Exactly one attempt ever claimed the right to publish it, and it wrote the marker.
-            assert len(log) == 1, (level, shard, log)
+            assert len(log) == 1, (level, unit, log)
             assert (log[0]["attempt"], log[0]["generation"]) == (marker["attempt"], marker["generation"])
             commits_by_attempt[marker["attempt"]] += 1
     fenced = sum(err.count("not by this attempt") for _, err in results)
-    # Every (level, shard) one driver computed but the other committed shows up as fenced.
+    # Every (level, unit) one driver computed but the other committed shows up as fenced.
     print(f"commits by attempt {commits_by_attempt}, fenced {fenced}")
     assert sum(commits_by_attempt.values()) == 4
     assert not list(out.glob("level*/_staging/*"))

@@ -41,15 +41,19 @@ def test_timeline_spreads_rows_over_each_shard_span() -> None:
 
 
 def test_eta_from_commit_pace_and_graceful_without_timestamps() -> None:
-    entry = {"shards_total": 10, "shards_committed": 2}
-    timed = {"a": {"rows": 4, "started": 0.0, "finished": 50.0}, "b": {"rows": 4, "started": 50.0,
-                                                                        "finished": 100.0}}
+    # Units commit, not shards: 2 of 10 units are committed while none of the 3 shards is whole.
+    entry = {"units_total": 10, "units_committed": 2, "shards_total": 3, "shards_committed": 0}
+    timed = {"a@00000": {"rows": 4, "started": 0.0, "finished": 50.0},
+             "a@00001": {"rows": 4, "started": 50.0, "finished": 100.0}}
     extras = level_extras(entry, timed, now=200.0)
-    assert extras["eta_seconds"] == pytest.approx(400.0)  # 8 shards left at 2 shards / 100 s
+    assert extras["units_remaining"] == 8
+    assert extras["eta_seconds"] == pytest.approx(400.0)  # 8 units left at 2 units / 100 s
     assert extras["wall_images_per_second"] == pytest.approx(0.08)
-    untimed = level_extras(entry, {"a": {"rows": 4}, "b": {"rows": 4}}, now=200.0)
+    untimed = level_extras(entry, {"a@00000": {"rows": 4}, "a@00001": {"rows": 4}}, now=200.0)
     assert untimed["eta_seconds"] is None and untimed["timeline"] == []
-    assert level_extras({"shards_total": 2, "shards_committed": 2}, {}, 0.0)["eta_seconds"] == 0.0
+    assert untimed["units_remaining"] == 8
+    done = level_extras({"units_total": 2, "units_committed": 2, "shards_total": 1, "shards_committed": 1}, {}, 0.0)
+    assert (done["eta_seconds"], done["units_remaining"]) == (0.0, 0)
 
 
 def test_eta_follows_the_latest_shards_not_a_resume_gap() -> None:
@@ -57,9 +61,10 @@ def test_eta_follows_the_latest_shards_not_a_resume_gap() -> None:
     early = {f"a{i}": {"rows": 1, "started": i * 100.0, "finished": i * 100.0 + 100} for i in range(10)}
     late = {f"b{i}": {"rows": 1, "started": day + i * 10.0, "finished": day + i * 10.0 + 10}
             for i in range(ETA_WINDOW)}
-    entry = {"shards_total": 70 + ETA_WINDOW, "shards_committed": 10 + ETA_WINDOW}
+    entry = {"units_total": 70 + ETA_WINDOW, "units_committed": 10 + ETA_WINDOW}
     extras = level_extras(entry, {**early, **late}, now=2 * day)
-    assert extras["eta_seconds"] == pytest.approx(60 * 10.0)  # 60 left at 10 s per shard
+    assert extras["units_remaining"] == 60
+    assert extras["eta_seconds"] == pytest.approx(60 * 10.0)  # 60 left at 10 s per unit
 
 
 # ---------------------------------------------------------------------------- server + browser
@@ -92,7 +97,8 @@ def test_server_is_read_only_and_local(server: str) -> None:
     with urllib.request.urlopen(server + "/") as response:
         assert "script-src 'self'" in response.headers["Content-Security-Policy"]
         assert b"/app.js" in response.read()
-    for path in ("/../pyproject.toml", "/level1/sa_000000.parquet", "/etc/passwd"):
+    for path in ("/../pyproject.toml", "/level1/sa_000000@00000.parquet", "/level1/sa_000000%4000000.parquet",
+                 "/_run/units/sa_000000.json", "/etc/passwd"):
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(server + path)
         assert err.value.code == 404
@@ -141,11 +147,15 @@ def test_page_shows_the_numbers_of_grand_status(server: str, browser, run_output
         def text(field: str, row=row) -> str:
             return row.find_element(By.CSS_SELECTOR, f'td[data-field="{field}"]').text
 
-        for field in ("shards_committed", "shards_total", "images_ok", "images_failed"):
+        for field in ("units_committed", "units_total", "shards_committed", "shards_total", "images_ok",
+                      "images_failed"):
             assert text(field) == str(entry[field]), (entry["level"], field)
         assert text("images_per_second") == f"{entry['images_per_second']:.2f}"
     by_level = {e["level"]: e for e in status["levels"]}
+    # Each shard (2 images, 1 image) is one unit.
+    assert (by_level[1]["units_committed"], by_level[1]["units_total"]) == (2, 2)
     assert (by_level[1]["shards_committed"], by_level[1]["shards_total"]) == (2, 2)
+    assert (by_level[2]["units_committed"], by_level[2]["units_total"]) == (1, 2)
     assert (by_level[2]["shards_committed"], by_level[2]["shards_total"]) == (1, 2)
     eta = browser.find_element(By.CSS_SELECTOR, '#levels tr[data-level="1"] td[data-field="eta_seconds"]')
     assert eta.text == "done"
@@ -171,13 +181,41 @@ def test_status_prints_throughput_eta_and_the_shard_matrix(run_output: Path) -> 
     result = grand("status", "--output", str(run_output))
     assert result.exit_code == 0
     lines = result.output.splitlines()
+    assert lines[0].split()[:3] == ["level", "units", "shards"]
     assert lines[0].split()[-4:] == ["img/s", "wall", "img/s", "ETA"]
     level1 = next(line for line in lines if line.startswith("1 "))
     level2 = next(line for line in lines if line.startswith("2 "))
-    assert level1.split()[1] == "2/2" and level1.split()[-1] == "done"
-    assert level2.split()[1] == "1/2" and level2.split()[-1] not in ("done", "unknown")
+    assert level1.split()[1:3] == ["2/2", "2/2"] and level1.split()[-1] == "done"  # units, shards
+    assert level2.split()[1:3] == ["1/2", "1/2"] and level2.split()[-1] not in ("done", "unknown")
     rows = {line.split()[0]: line.split()[1:] for line in lines if line.startswith("sa_")}
     assert rows == {"sa_000000": ["x", "x"], "sa_000001": ["x", "."]}
+
+
+def test_status_counts_units_and_marks_a_partial_shard(tmp_path: Path) -> None:
+    from grand_pipeline.store import Store
+    from grand_pipeline.units import ShardIndex, unit_id
+    from tests.test_store import STATS, make_table
+
+    out = tmp_path / "out"
+    store = Store(str(out))
+    store.record_shards(None, ["sa_000000", "sa_000001"])
+    store.write_index(ShardIndex("sa_000000", 2, tuple(f"sa_{i}" for i in range(6))))  # three units
+    store.write_index(ShardIndex("sa_000001", 2, ("sa_7",)))  # one unit
+    for unit in (unit_id("sa_000000", 0), unit_id("sa_000000", 1), unit_id("sa_000001", 0)):
+        assert store.commit(1, unit, make_table(unit.split("@")[0], n=2), STATS, attempt=1)
+    result = grand("status", "--output", str(out))
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    level1 = next(line for line in lines if line.startswith("1 "))
+    assert level1.split()[1:3] == ["3/4", "1/2"]  # units, shards
+    assert level1.split()[-1] != "done"
+    rows = {line.split()[0]: line.split()[1:] for line in lines if line.startswith("sa_")}
+    assert rows == {"sa_000000": ["~"], "sa_000001": ["x"]}
+    status = json.loads(grand("status", "--output", str(out), "--json").output)
+    assert status["matrix"] == {"sa_000000": {"1": "partial"}, "sa_000001": {"1": "committed"}}
+    [entry] = status["levels"]
+    assert (entry["units_committed"], entry["units_total"]) == (3, 4)
+    assert level_extras(entry, store.committed(1), now=0.0)["units_remaining"] == 1
 
 
 @pytest.mark.slow

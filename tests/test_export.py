@@ -27,6 +27,7 @@ from grand_pipeline.schemas import STATUS_ERROR, STATUS_OK, level_schema
 from grand_pipeline.show import LINE_H, palette
 from grand_pipeline.sources import list_shards
 from grand_pipeline.store import Store, StoreError
+from grand_pipeline.units import unit_id
 
 H, W = 400, 600  # skimage's coffee photograph
 CAPTION = 'The white cup <on> a wooden table & a "saucer".'
@@ -138,8 +139,9 @@ def make_row(
 
 
 def commit(out: Path, level: int, shard: str, rows: list[dict]) -> None:
+    """Commit ``rows`` as unit 0 of ``shard`` (one unit holds every row of these small shards)."""
     table = pa.Table.from_pylist(rows, schema=level_schema(level))
-    assert Store(str(out)).commit(level, shard, table, {"seconds": 1.0}, attempt=1)
+    assert Store(str(out)).commit(level, unit_id(shard, 0), table, {"seconds": 1.0}, attempt=1)
 
 
 @pytest.fixture()
@@ -224,7 +226,7 @@ def test_an_offset_bug_raises_instead_of_being_exported(tmp_path: Path) -> None:
     row = make_row("sa_1", "a")
     row["short_captions_grounded"][0]["details"][0]["ids"] = [1, 42]
     commit(out, 4, "b", [row])
-    Store(str(out)).clear(4, "a")
+    Store(str(out)).clear(4, unit_id("a", 0))
     with pytest.raises(ExportValidationError, match=r"unknown ids \[42\]"):
         export(str(out), "grand-json", str(tmp_path / "export"))
 

@@ -19,6 +19,7 @@ import yaml
 
 from grand_pipeline.sample import make_sample
 from grand_pipeline.store import Store
+from grand_pipeline.units import unit_id
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -113,11 +114,15 @@ def test_grand_run_as_a_ray_job_commits_its_shard(cluster, tmp_path, tiny_cfg) -
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
 
     store = Store(str(out))
+    unit = unit_id("sa_000020", 0)  # two images: one unit
     markers = store.committed(1, verify=True)
-    assert list(markers) == ["sa_000020"]
-    assert markers["sa_000020"]["rows"] == 2
-    assert markers["sa_000020"]["ok"] + markers["sa_000020"]["failed"] == 2
-    assert store.read(1, "sa_000020").num_rows == 2
-    assert "1/1" in logs  # the status table that `grand run` prints at the end
+    assert list(markers) == [unit]
+    assert (markers[unit]["unit"], markers[unit]["shard"]) == (unit, "sa_000020")
+    assert markers[unit]["rows"] == 2
+    assert markers[unit]["ok"] + markers[unit]["failed"] == 2
+    assert store.read(1, unit).num_rows == 2
+    assert store.read_index("sa_000020").unit_ids() == [unit]
+    # The status table that `grand run` prints at the end: level 1, units 1/1, shards 1/1.
+    assert any(line.split()[:3] == ["1", "1/1", "1/1"] for line in logs.splitlines()), logs[-3000:]
     info = client.get_job_info(job_id)
     assert info.entrypoint == entrypoint and info.runtime_env["working_dir"].startswith("gcs://")

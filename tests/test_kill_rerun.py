@@ -20,6 +20,7 @@ import pytest
 
 from grand_pipeline.sample import make_sample
 from grand_pipeline.store import Store
+from grand_pipeline.units import unit_id
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +71,8 @@ def test_sigkill_then_rerun_matches_undisturbed_run(shards, tmp_path, executor, 
     reference = tmp_path / "reference"
     duration = _timed_reference(shards, reference, executor)
     expected = _snapshot(reference)
-    assert len(expected) == 4
+    # Two images a shard: one unit each, named by its unit id.
+    assert sorted(expected) == [f"{unit_id(f'sa_00002{k}', 0)}.parquet" for k in range(4)]
 
     out = tmp_path / "killed"
     rng = random.Random(1234)
@@ -101,7 +103,9 @@ def test_sigkill_then_rerun_matches_undisturbed_run(shards, tmp_path, executor, 
 
     store = Store(str(out))
     image_ids = []
-    for shard in store.committed(1, verify=True):
-        image_ids += pq.read_table(out / "level1" / f"{shard}.parquet", use_threads=False)["image_id"].to_pylist()
+    committed = store.committed(1, verify=True)
+    assert sorted(committed) == [unit_id(f"sa_00002{k}", 0) for k in range(4)]
+    for unit in committed:
+        image_ids += pq.read_table(out / "level1" / f"{unit}.parquet", use_threads=False)["image_id"].to_pylist()
     assert sorted(image_ids) == sorted(f"sa_{i}" for i in range(1, 9))
     assert not list((out / "level1" / "_staging").glob("*"))

@@ -8,7 +8,7 @@ from grand_pipeline.plan import LevelPlan, Plan, allocate
 
 
 def _level(level: int, seconds: float, gpus: float, remaining: int = 0) -> LevelPlan:
-    return LevelPlan(level, 10, 100, seconds, {"stage": seconds}, gpus, 4.0, shards_remaining=remaining)
+    return LevelPlan(level, 10, 100, seconds, {"stage": seconds}, gpus, 4.0, units_remaining=remaining)
 
 
 def test_gpus_go_to_the_slowest_level_until_levels_balance() -> None:
@@ -30,7 +30,7 @@ def test_cpu_levels_get_actors_to_keep_up_and_eta() -> None:
     levels = [_level(1, 1.0, 1.0, remaining=4), _level(2, 3.0, 0.0, remaining=6)]
     allocate(levels, gpus=2)
     assert (levels[0].actors, levels[1].actors) == (2, 6)  # 2 img/s needs six 3-s actors
-    plan = Plan(gpus=2, levels=levels, images_per_shard=10.0)
+    plan = Plan(gpus=2, levels=levels, images_per_unit=10.0)
     assert plan.images_per_s == pytest.approx(2.0)
     assert plan.eta_s() == pytest.approx(max(4 * 10 / 2.0, 6 * 10 / 2.0))
 

@@ -22,8 +22,10 @@ from grand_pipeline.config import load_config
 from grand_pipeline.plan import make_plan
 from grand_pipeline.sample import make_sample
 from grand_pipeline.store import Store
+from grand_pipeline.units import unit_id
 
 SHARDS = ["sa_000051", "sa_000052"]
+UNITS = [unit_id(shard, 0) for shard in SHARDS]  # three images a shard: one unit each
 VICTIMS = {"sa_2", "sa_4"}  # coffee (400x600) in the first shard, rocket (427x640) in the second
 
 
@@ -58,8 +60,9 @@ def failed_run(tmp_path_factory, tiny_cfg):
 def test_retry_failed_recomputes_only_the_failed_rows(failed_run) -> None:
     out = failed_run["out"]
     store = Store(str(out))
-    before = {(lv, s): store.read(lv, s) for lv in (1, 2) for s in SHARDS}
-    markers_before = {(lv, s): store.marker(lv, s) for lv in (1, 2) for s in SHARDS}
+    assert {lv: set(store.committed(lv)) for lv in (1, 2)} == {1: set(UNITS), 2: set(UNITS)}
+    before = {(lv, u): store.read(lv, u) for lv in (1, 2) for u in UNITS}
+    markers_before = {(lv, u): store.marker(lv, u) for lv in (1, 2) for u in UNITS}
     for (lv, _), table in before.items():
         errors = {r["image_id"]: r for r in table.to_pylist() if r["status"] == "error"}
         if lv == 1:
@@ -74,24 +77,25 @@ def test_retry_failed_recomputes_only_the_failed_rows(failed_run) -> None:
     assert result.exit_code == 0, result.output
     assert "2 fixed, 0 still failed" in result.output
 
-    for (lv, shard), old in before.items():
-        new = store.read(lv, shard)
+    for (lv, unit), old in before.items():
+        new = store.read(lv, unit)
         assert new.schema == old.schema
         assert new.column("image_id").to_pylist() == old.column("image_id").to_pylist()
         for i, (was, now) in enumerate(zip(old.to_pylist(), new.to_pylist(), strict=True)):
             if was["image_id"] in VICTIMS:
-                assert (was["status"], now["status"]) == ("error", "ok"), (lv, shard, now["error"])
+                assert (was["status"], now["status"]) == ("error", "ok"), (lv, unit, now["error"])
             else:
-                assert now == was, (lv, shard, was["image_id"])
+                assert now == was, (lv, unit, was["image_id"])
                 assert _row_bytes(new, i) == _row_bytes(old, i)
-        marker = store.marker(lv, shard)
-        assert store.is_committed(lv, shard)
+        marker = store.marker(lv, unit)
+        assert store.is_committed(lv, unit)
+        assert (marker["unit"], marker["shard"]) == (unit, unit.split("@")[0])
         assert marker["errors"] == 0 and marker["ok"] == old.num_rows
-        assert marker["attempt"] > markers_before[(lv, shard)]["attempt"]
+        assert marker["attempt"] > markers_before[(lv, unit)]["attempt"]
         assert marker["retried_images"] == 1
-        # The original timing stays (the retry does not redo the shard); the claim log grew.
-        assert marker["duration_s"] == markers_before[(lv, shard)]["duration_s"]
-        log = fencing.claims(store.fs, store.claim_dir(lv, shard))
+        # The original timing stays (the retry does not redo the unit); the claim log grew.
+        assert marker["duration_s"] == markers_before[(lv, unit)]["duration_s"]
+        log = fencing.claims(store.fs, store.claim_dir(lv, unit))
         assert [c["attempt"] for c in log][-1] == marker["attempt"] and len(log) == 2
 
     again = CliRunner().invoke(app, ["retry-failed", "-o", str(out), "--level", "1", *failed_run["args"]])
@@ -99,7 +103,8 @@ def test_retry_failed_recomputes_only_the_failed_rows(failed_run) -> None:
 
 
 def test_markers_carry_shard_stats(failed_run) -> None:
-    marker = json.loads((Path(failed_run["out"]) / "level1" / f"{SHARDS[0]}.success.json").read_text())
+    marker = json.loads((Path(failed_run["out"]) / "level1" / f"{UNITS[0]}.success.json").read_text())
+    assert (marker["level"], marker["unit"], marker["shard"]) == (1, UNITS[0], SHARDS[0])
     for key in ("images", "ok", "errors", "errors_by_stage", "duration_s", "images_per_s", "started",
                 "finished", "attempt", "host", "stage_seconds"):
         assert key in marker, key
@@ -117,7 +122,9 @@ def test_plan_on_a_real_output(failed_run) -> None:
     # No GPU left that could buy the bottleneck level another actor.
     slowest = min(result.levels, key=lambda lv: lv.images_per_s)
     assert result.gpus_used + slowest.gpus_per_actor > 4
-    assert result.eta_s() == 0.0  # every known shard is committed
+    assert result.eta_s() == 0.0  # every unit of every known shard is committed
+    assert all((lv.units_measured, lv.units_remaining) == (len(UNITS), 0) for lv in result.levels)
+    assert result.images_per_unit == pytest.approx(3.0)
 
     printed = CliRunner().invoke(app, ["plan", "-o", str(failed_run["out"]), "--gpus", "4", "--profile",
                                        "tiny-lite", "--set", "pools.level1.num_gpus=1",

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 import boto3
 import pyarrow as pa
@@ -21,12 +22,14 @@ import pytest
 from grand_pipeline import fencing
 from grand_pipeline.sample import make_sample
 from grand_pipeline.store import NotCommitted, Store
+from grand_pipeline.units import unit_id
 from tests.s3_server import S3Endpoint
 from tests.test_store import STATS, make_table
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "grand-test"
 SHARDS = [f"sa_00004{k}" for k in range(3)]
+UNITS = [unit_id(shard, 0) for shard in SHARDS]  # two images a shard: one unit each
 
 
 @pytest.fixture(scope="module")
@@ -80,37 +83,42 @@ def reference(s3, tmp_path_factory) -> dict[str, bytes]:
     done = _run(str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     parquets = {p.name: p.read_bytes() for p in sorted((out / "level1").glob("*.parquet"))}
-    assert len(parquets) == len(SHARDS)
+    assert sorted(parquets) == [f"{unit}.parquet" for unit in UNITS]
     return parquets
 
 
 def test_commit_protocol_on_s3(s3) -> None:
     store = Store(f"s3://{BUCKET}/unit")
+    s1 = unit_id("s1", 0)
     table = make_table("s1", n=3)
-    assert store.commit(1, "s1", table, STATS, attempt=1)
-    assert store.is_committed(1, "s1") and set(store.committed(1, verify=True)) == {"s1"}
-    assert store.read(1, "s1").equals(pa.Table.from_arrays(table.columns, schema=table.schema))
+    assert store.commit(1, s1, table, STATS, attempt=1)
+    assert store.is_committed(1, s1) and set(store.committed(1, verify=True)) == {s1}
+    assert store.fs.exists(f"{store.level_dir(1)}/s1@00000.parquet")
+    assert store.read(1, s1).equals(pa.Table.from_arrays(table.columns, schema=table.schema))
+    assert pa.Table.from_batches(list(store.iter_batches(1, s1))).equals(store.read(1, s1))
     # A second commit is fenced by the valid marker; the conditional create refuses a second claim.
-    assert store.commit(1, "s1", make_table("s1", n=2), STATS, attempt=2) is False
-    assert store.marker(1, "s1")["attempt"] == 1
-    claim = f"{store.claim_dir(1, 's1')}/000099.json"
+    assert store.commit(1, s1, make_table("s1", n=2), STATS, attempt=2) is False
+    assert store.marker(1, s1)["attempt"] == 1
+    claim = f"{store.claim_dir(1, s1)}/000099.json"
     assert fencing.create_exclusive(store.fs, claim, b"{}") is True
     assert fencing.create_exclusive(store.fs, claim, b"{}") is False
 
     # Parquet replaced behind the marker's back: not committed, and a new commit repairs it.
-    store.fs.pipe_file(store.parquet_path(1, "s1"), b"not parquet")
-    assert not store.is_committed(1, "s1") and store.committed(1) == {}
+    store.fs.pipe_file(store.parquet_path(1, s1), b"not parquet")
+    assert not store.is_committed(1, s1) and store.committed(1) == {}
     with pytest.raises(NotCommitted):
-        store.read(1, "s1")
-    assert store.commit(1, "s1", table, STATS, attempt=3)
+        store.read(1, s1)
+    with pytest.raises(NotCommitted):
+        list(store.iter_batches(1, s1))
+    assert store.commit(1, s1, table, STATS, attempt=3)
     # Parquet without marker (a crash between the two uploads) is not a commit.
-    store.fs.rm_file(store.marker_path(1, "s1"))
-    assert not store.is_committed(1, "s1")
+    store.fs.rm_file(store.marker_path(1, s1))
+    assert not store.is_committed(1, s1)
     # Staging debris of a dead attempt goes; nothing else does.
-    store.fs.pipe_file(f"{store.level_dir(1)}/_staging/s1.a77.{'0' * 32}.parquet", b"x")
+    store.fs.pipe_file(f"{store.level_dir(1)}/_staging/{s1}.a77.{'0' * 32}.parquet", b"x")
     store.clear_staging(1)
     assert _staging(store) == []
-    assert store.fs.exists(store.parquet_path(1, "s1"))
+    assert store.fs.exists(store.parquet_path(1, s1))
 
 
 def test_resume_on_s3(s3, reference) -> None:
@@ -119,35 +127,37 @@ def test_resume_on_s3(s3, reference) -> None:
     assert first.returncode == 0, first.stderr[-2000:]
     store = Store(out)
     before = store.committed(1)
-    assert set(before) == set(SHARDS[:2])
+    assert set(before) == set(UNITS[:2])
+    assert store.read_index(SHARDS[0]).unit_ids() == [UNITS[0]]  # the index is stored with the output
     second = _run(out)
     assert second.returncode == 0, second.stderr[-2000:]
     after = store.committed(1, verify=True)
-    assert set(after) == set(SHARDS)
-    for shard in SHARDS[:2]:  # resumed: not recomputed
-        assert after[shard]["attempt"] == before[shard]["attempt"]
-        assert after[shard]["committed_at"] == before[shard]["committed_at"]
+    assert set(after) == set(UNITS)
+    for unit in UNITS[:2]:  # resumed: not recomputed
+        assert after[unit]["attempt"] == before[unit]["attempt"]
+        assert after[unit]["committed_at"] == before[unit]["committed_at"]
     assert _parquets(out) == reference
 
 
 def test_refused_upload_mid_commit_then_rerun(s3, reference) -> None:
     out = f"s3://{BUCKET}/fault"
-    victim = SHARDS[1]
-    s3.fail_puts = {f"{victim}.success.json"}  # the marker, after the Parquet has landed
+    victim = UNITS[1]
+    # The marker, after the Parquet has landed; '@' travels percent-encoded in the request path.
+    s3.fail_puts = {f"{victim}.success.json", f"{quote(victim)}.success.json"}
     try:
         failed = _run(out)
     finally:
         s3.fail_puts = set()
     assert failed.returncode == 1, failed.stderr[-2000:]
-    assert any(victim in path for path in s3.refused)
+    assert any(victim in unquote(path) for path in s3.refused)
     store = Store(out)
-    assert set(store.committed(1)) == set(SHARDS) - {victim}
+    assert set(store.committed(1)) == set(UNITS) - {victim}
     assert store.fs.exists(store.parquet_path(1, victim)), "the Parquet upload itself succeeded"
     assert not store.is_committed(1, victim)
 
     rerun = _run(out)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert set(store.committed(1, verify=True)) == set(SHARDS)
+    assert set(store.committed(1, verify=True)) == set(UNITS)
     assert _parquets(out) == reference
     assert _staging(store) == []
 
@@ -168,10 +178,10 @@ def test_sigkill_mid_run_then_resume_on_s3(s3, reference) -> None:
         pass
     proc.wait()
     assert killed_mid_run, "the run finished before the kill; the test proved nothing"
-    assert len(store.committed(1)) < len(SHARDS)
+    assert len(store.committed(1)) < len(UNITS)
 
     rerun = _run(out)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert set(store.committed(1, verify=True)) == set(SHARDS)
+    assert set(store.committed(1, verify=True)) == set(UNITS)
     assert _parquets(out) == reference
     assert _staging(store) == []

@@ -10,7 +10,9 @@ import pyarrow as pa
 import pytest
 
 from grand_pipeline.schemas import STATUS_ERROR, STATUS_OK, level_schema
-from grand_pipeline.store import NotCommitted, SchemaMismatch, Store, StoreError
+from grand_pipeline.sources.base import ShardRef
+from grand_pipeline.store import ROW_GROUP_ROWS, NotCommitted, OldLayout, SchemaMismatch, Store, StoreError
+from grand_pipeline.units import ShardIndex, unit_id
 
 
 def make_table(
@@ -48,100 +50,137 @@ def staging_files(root) -> list[str]:
     return [os.path.join(d, f) for d, _, files in os.walk(root) if "_staging" in d for f in files]
 
 
+U1 = unit_id("sa_000001", 0)  # "sa_000001@00000": store keys are unit ids
+S1 = unit_id("s1", 0)
+
+
 def test_commit_roundtrip_and_marker(tmp_path):
     store = Store(str(tmp_path / "out"))
     table = make_table("sa_000001", errors={1: "tagger", 3: "tagger", 4: None})
-    assert not store.is_committed(1, "sa_000001")
-    assert store.commit(1, "sa_000001", table, STATS, attempt=1) is True
-    assert store.is_committed(1, "sa_000001")
-    assert store.read(1, "sa_000001").equals(table)
-    assert store.read(1, "sa_000001", columns=["image_id"]).column_names == ["image_id"]
+    assert U1 == "sa_000001@00000"
+    assert not store.is_committed(1, U1)
+    assert store.commit(1, U1, table, STATS, attempt=1) is True
+    assert store.is_committed(1, U1)
+    assert store.read(1, U1).equals(table)
+    assert store.read(1, U1, columns=["image_id"]).column_names == ["image_id"]
 
-    m = store.marker(1, "sa_000001")
-    assert (m["level"], m["shard"], m["attempt"]) == (1, "sa_000001", 1)
+    m = store.marker(1, U1)
+    assert (m["level"], m["unit"], m["shard"], m["attempt"]) == (1, U1, "sa_000001", 1)
     assert (m["rows"], m["ok"], m["failed"]) == (6, 3, 3)
     assert m["failures_by_stage"] == {"tagger": 2, "unknown": 1}
     assert m["images_per_second"] == pytest.approx(3.0)
     assert m["models"] == {"tagger": "tiny:1"} and m["config_hash"] == "abc123"
     assert m["host"] == "n1"  # extra caller keys are kept
-    data = (tmp_path / "out" / "level1" / "sa_000001.parquet").read_bytes()
+    assert store.parquet_path(1, U1).endswith("/level1/sa_000001@00000.parquet")
+    assert store.marker_path(1, U1).endswith("/level1/sa_000001@00000.success.json")
+    data = (tmp_path / "out" / "level1" / "sa_000001@00000.parquet").read_bytes()
     assert m["parquet_bytes"] == len(data)
     assert m["parquet_sha256"] == hashlib.sha256(data).hexdigest()
-    assert store.committed(1).keys() == {"sa_000001"}
-    assert store.committed(1, verify=True).keys() == {"sa_000001"}
+    assert store.committed(1).keys() == {U1}
+    assert store.committed(1, verify=True).keys() == {U1}
     assert staging_files(tmp_path) == []
 
 
 def test_table_counts_override_wrong_caller_stats(tmp_path):
     store = Store(str(tmp_path))
-    store.commit(1, "s", make_table("s", n=4, errors={0: "depth"}), {**STATS, "ok": 99}, attempt=1)
-    m = store.marker(1, "s")
+    unit = unit_id("s", 0)
+    store.commit(1, unit, make_table("s", n=4, errors={0: "depth"}), {**STATS, "ok": 99}, attempt=1)
+    m = store.marker(1, unit)
     assert (m["ok"], m["failed"], m["failures_by_stage"]) == (3, 1, {"depth": 1})
 
 
 def test_same_table_gives_identical_bytes(tmp_path):
     table = make_table("sa_7", errors={2: "detector"})
+    unit = unit_id("sa_7", 0)
     # Different chunking and schema metadata must not change the bytes either.
     rechunked = pa.concat_tables([table.slice(0, 2), table.slice(2)]).replace_schema_metadata({"x": "y"})
     a, b = Store(str(tmp_path / "a")), Store(str(tmp_path / "b"))
-    assert a.commit(1, "sa_7", table, STATS, attempt=1)
-    assert b.commit(1, "sa_7", rechunked, {**STATS, "seconds": 5.0}, attempt=3)
-    pa_bytes = (tmp_path / "a" / "level1" / "sa_7.parquet").read_bytes()
-    assert pa_bytes == (tmp_path / "b" / "level1" / "sa_7.parquet").read_bytes()
-    assert a.marker(1, "sa_7")["parquet_sha256"] == b.marker(1, "sa_7")["parquet_sha256"]
+    assert a.commit(1, unit, table, STATS, attempt=1)
+    assert b.commit(1, unit, rechunked, {**STATS, "seconds": 5.0}, attempt=3)
+    pa_bytes = (tmp_path / "a" / "level1" / f"{unit}.parquet").read_bytes()
+    assert pa_bytes == (tmp_path / "b" / "level1" / f"{unit}.parquet").read_bytes()
+    assert a.marker(1, unit)["parquet_sha256"] == b.marker(1, unit)["parquet_sha256"]
 
 
 def test_parquet_without_marker_is_not_committed_and_is_overwritten(tmp_path):
     store = Store(str(tmp_path))
-    store.commit(1, "s1", make_table("s1"), STATS, attempt=1)
-    os.remove(store.marker_path(1, "s1"))  # as if killed between the two publishes
-    assert not store.is_committed(1, "s1")
+    store.commit(1, S1, make_table("s1"), STATS, attempt=1)
+    os.remove(store.marker_path(1, S1))  # as if killed between the two publishes
+    assert not store.is_committed(1, S1)
     assert store.committed(1) == {}
     with pytest.raises(NotCommitted):
-        store.read(1, "s1")
+        store.read(1, S1)
     new = make_table("s1", n=3)
-    assert store.commit(1, "s1", new, STATS, attempt=2)
-    assert store.read(1, "s1").equals(new)
+    assert store.commit(1, S1, new, STATS, attempt=2)
+    assert store.read(1, S1).equals(new)
 
 
 def test_corrupt_parquet_is_not_committed(tmp_path):
     store = Store(str(tmp_path))
-    store.commit(1, "s1", make_table("s1"), STATS, attempt=1)
-    path = store.parquet_path(1, "s1")
+    store.commit(1, S1, make_table("s1"), STATS, attempt=1)
+    path = store.parquet_path(1, S1)
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 0xFF  # same size, different hash
     with open(path, "wb") as f:
         f.write(bytes(data))
-    assert store.marker(1, "s1") is not None
-    assert not store.is_committed(1, "s1")
+    assert store.marker(1, S1) is not None
+    assert not store.is_committed(1, S1)
     assert store.committed(1, verify=True) == {}
     with pytest.raises(NotCommitted):
-        store.read(1, "s1")
+        store.read(1, S1)
     # A corrupt commit does not fence: the next commit repairs it.
-    assert store.commit(1, "s1", make_table("s1"), STATS, attempt=2)
-    assert store.is_committed(1, "s1")
+    assert store.commit(1, S1, make_table("s1"), STATS, attempt=2)
+    assert store.is_committed(1, S1)
 
 
 def test_unparseable_marker_is_ignored(tmp_path, caplog):
     store = Store(str(tmp_path))
-    store.commit(1, "s1", make_table("s1"), STATS, attempt=1)
-    with open(store.marker_path(1, "s1"), "w") as f:
+    store.commit(1, S1, make_table("s1"), STATS, attempt=1)
+    with open(store.marker_path(1, S1), "w") as f:
         f.write("{not json")
-    assert store.marker(1, "s1") is None
+    assert store.marker(1, S1) is None
     assert "unparseable" in caplog.text
-    assert not store.is_committed(1, "s1")
+    assert not store.is_committed(1, S1)
+
+
+def test_marker_of_another_unit_is_ignored(tmp_path):
+    # A marker copied next to another unit's Parquet must not vouch for it.
+    store = Store(str(tmp_path))
+    other = unit_id("s1", 1)
+    store.commit(1, S1, make_table("s1"), STATS, attempt=1)
+    store.commit(1, other, make_table("s1"), STATS, attempt=1)
+    with open(store.marker_path(1, S1), "rb") as f:
+        marker = f.read()
+    with open(store.marker_path(1, other), "wb") as f:
+        f.write(marker)
+    assert store.marker(1, other) is None
+    assert not store.is_committed(1, other)
+    assert store.committed(1).keys() == {S1}
 
 
 def test_second_commit_is_fenced(tmp_path):
     store = Store(str(tmp_path))
     first = make_table("s1", n=5)
-    assert store.commit(1, "s1", first, STATS, attempt=1)
-    before = open(store.parquet_path(1, "s1"), "rb").read()
-    assert store.commit(1, "s1", make_table("s1", n=2, errors={0: "x"}), STATS, attempt=2) is False
-    assert open(store.parquet_path(1, "s1"), "rb").read() == before
-    assert store.marker(1, "s1")["attempt"] == 1
-    assert store.read(1, "s1").equals(first)
+    assert store.commit(1, S1, first, STATS, attempt=1)
+    before = open(store.parquet_path(1, S1), "rb").read()
+    assert store.commit(1, S1, make_table("s1", n=2, errors={0: "x"}), STATS, attempt=2) is False
+    assert open(store.parquet_path(1, S1), "rb").read() == before
+    assert store.marker(1, S1)["attempt"] == 1
+    assert store.read(1, S1).equals(first)
     assert staging_files(tmp_path) == []
+
+
+def test_units_of_one_shard_commit_independently(tmp_path):
+    store = Store(str(tmp_path))
+    second = unit_id("s1", 1)
+    assert store.commit(1, S1, make_table("s1", n=5), STATS, attempt=1)
+    # Another unit of the same shard is not fenced by the first one's commit.
+    assert store.commit(1, second, make_table("s1", n=2), STATS, attempt=2)
+    assert store.committed(1).keys() == {S1, second}
+    assert (store.marker(1, S1)["rows"], store.marker(1, second)["rows"]) == (5, 2)
+    assert store.marker(1, second)["shard"] == "s1"
+    store.clear_shard(1, "s1")
+    assert store.committed(1) == {}
 
 
 def test_schema_mismatch_names_the_field(tmp_path):
@@ -151,31 +190,62 @@ def test_schema_mismatch_names_the_field(tmp_path):
         table.schema.get_field_index("width"), "width", table.column("width").cast(pa.int64())
     )
     with pytest.raises(SchemaMismatch, match="'width'"):
-        store.commit(1, "s1", wrong, STATS, attempt=1)
+        store.commit(1, S1, wrong, STATS, attempt=1)
     with pytest.raises(SchemaMismatch, match="'depth_source'"):
-        store.commit(1, "s1", table.drop_columns(["depth_source"]), STATS, attempt=1)
-    assert not os.path.exists(store.parquet_path(1, "s1"))
+        store.commit(1, S1, table.drop_columns(["depth_source"]), STATS, attempt=1)
+    assert not os.path.exists(store.parquet_path(1, S1))
 
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", "..", "", "a b", ".hidden", "x..y"])
 def test_bad_shard_ids_are_refused(tmp_path, bad):
     store = Store(str(tmp_path))
     with pytest.raises(StoreError):
-        store.commit(1, bad, make_table("ok"), STATS, attempt=1)
+        store.commit(1, unit_id(bad, 0), make_table("ok"), STATS, attempt=1)
     with pytest.raises(StoreError):
-        store.parquet_path(1, bad)
+        store.parquet_path(1, unit_id(bad, 0))
     with pytest.raises(StoreError):
         store.record_shards(None, [bad])
+    with pytest.raises(StoreError):
+        store.record_units(bad, 1)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "sa_000001",
+        "sa_000001@1",
+        "sa_000001@000001",
+        "sa_000001@0000x",
+        "@00000",
+        "sa_000001@00000/x",
+        "a@b@00000",
+    ],
+)
+def test_bad_unit_ids_are_refused(tmp_path, bad):
+    store = Store(str(tmp_path))
+    with pytest.raises(StoreError, match="invalid unit id"):
+        store.commit(1, bad, make_table("sa_000001"), STATS, attempt=1)
+    for call in (
+        store.parquet_path,
+        store.marker_path,
+        store.is_committed,
+        store.marker,
+        store.read,
+        store.clear,
+    ):
+        with pytest.raises(StoreError, match="invalid unit id"):
+            call(1, bad)
+    assert not (tmp_path / "level1").exists()  # refused before anything was staged
 
 
 def test_clear_and_clear_staging(tmp_path):
     store = Store(str(tmp_path))
-    store.commit(1, "s1", make_table("s1"), STATS, attempt=1)
-    store.clear(1, "s1")
-    assert not store.is_committed(1, "s1")
-    assert not os.path.exists(store.parquet_path(1, "s1"))
-    store.clear(1, "s1")  # idempotent
-    debris = tmp_path / "level1" / "_staging" / "s2.a1.dead.parquet"
+    store.commit(1, S1, make_table("s1"), STATS, attempt=1)
+    store.clear(1, S1)
+    assert not store.is_committed(1, S1)
+    assert not os.path.exists(store.parquet_path(1, S1))
+    store.clear(1, S1)  # idempotent
+    debris = tmp_path / "level1" / "_staging" / "s2@00000.a1.dead.parquet"
     debris.write_bytes(b"partial")
     store.clear_staging(1)
     assert not debris.exists()
@@ -203,14 +273,18 @@ def test_status_two_levels(tmp_path):
 
     store = Store(str(tmp_path))
     store.record_shards(None, ["s1", "s2", "s3"])
-    store.commit(1, "s1", make_table("s1", n=4, errors={0: "tagger"}), {**STATS, "seconds": 1.0}, attempt=1)
+    store.commit(1, S1, make_table("s1", n=4, errors={0: "tagger"}), {**STATS, "seconds": 1.0}, attempt=1)
     store.commit(
-        1, "s2", make_table("s2", n=6, errors={1: "depth", 2: "tagger"}), {**STATS, "seconds": 4.0}, 1
+        1,
+        unit_id("s2", 0),
+        make_table("s2", n=6, errors={1: "depth", 2: "tagger"}),
+        {**STATS, "seconds": 4.0},
+        1,
     )
     # A second level with the same columns, declared just for this test.
     schemas._LEVEL_FIELDS[97] = schemas.LEVEL1_FIELDS
     try:
-        store.commit(97, "s1", make_table("s1", n=2, level=97), {**STATS, "seconds": 0.0}, attempt=1)
+        store.commit(97, S1, make_table("s1", n=2, level=97), {**STATS, "seconds": 0.0}, attempt=1)
         status = store.status(levels=[5])
     finally:
         schemas._LEVEL_FIELDS.pop(97)
@@ -218,13 +292,155 @@ def test_status_two_levels(tmp_path):
     by_level = {s["level"]: s for s in status["levels"]}
     assert sorted(by_level) == [1, 5, 97]
     one = by_level[1]
+    # No shard is indexed: each counts as one unit.
+    assert (one["units_committed"], one["units_total"]) == (2, 3)
     assert (one["shards_committed"], one["shards_total"]) == (2, 3)
     assert (one["images_ok"], one["images_failed"]) == (7, 3)
     assert one["failures_by_stage"] == {"depth": 1, "tagger": 2}
     assert one["seconds"] == pytest.approx(5.0)
     assert one["images_per_second"] == pytest.approx(2.0)
     assert by_level[97]["images_ok"] == 2 and by_level[97]["images_per_second"] == 0.0
-    assert by_level[5]["shards_committed"] == 0
+    assert (by_level[97]["units_committed"], by_level[97]["shards_committed"]) == (1, 1)
+    assert (by_level[5]["shards_committed"], by_level[5]["units_committed"]) == (0, 0)
     assert status["shards"] == ["s1", "s2", "s3"]
     assert status["matrix"]["s1"] == {"1": "committed", "5": "missing", "97": "committed"}
     assert status["matrix"]["s3"]["1"] == "missing"
+
+
+def test_status_counts_units_and_shows_a_partial_shard(tmp_path):
+    store = Store(str(tmp_path))
+    shard = "sa_000000"
+    index = ShardIndex(shard, 2, tuple(f"{shard}-{i}" for i in range(6)))  # 6 images in units of 2
+    store.record_shards(None, [shard, "sa_000001"])
+    store.write_index(index)
+    assert index.unit_ids() == [unit_id(shard, k) for k in range(3)]
+    for k in (0, 1):
+        assert store.commit(1, unit_id(shard, k), make_table(shard, n=2), STATS, attempt=1)
+    status = store.status()
+    json.dumps(status)
+    [one] = status["levels"]
+    assert (one["units_committed"], one["units_total"]) == (2, 4)  # sa_000001: not indexed, one unit
+    assert (one["shards_committed"], one["shards_total"]) == (0, 2)
+    assert one["images_ok"] == 4
+    assert status["matrix"] == {shard: {"1": "partial"}, "sa_000001": {"1": "missing"}}
+
+    store.commit(1, unit_id(shard, 2), make_table(shard, n=2), STATS, attempt=2)
+    store.commit(1, unit_id("sa_000001", 0), make_table("sa_000001", n=1), STATS, attempt=2)
+    status = store.status()
+    [one] = status["levels"]
+    assert (one["units_committed"], one["units_total"]) == (4, 4)
+    assert (one["shards_committed"], one["shards_total"]) == (2, 2)
+    assert status["matrix"] == {shard: {"1": "committed"}, "sa_000001": {"1": "committed"}}
+
+    store.clear(1, unit_id(shard, 0))
+    status = store.status()
+    assert (status["levels"][0]["units_committed"], status["levels"][0]["shards_committed"]) == (3, 1)
+    assert status["matrix"][shard] == {"1": "partial"}
+
+
+def test_index_round_trip_and_record_units(tmp_path):
+    store = Store(str(tmp_path))
+    assert store.read_index("sa_000000") is None  # before its first Level-1 run
+    assert store.unit_counts() == {}
+    ids = tuple(f"sa_{i}" for i in range(1, 6))
+    with_offsets = ShardIndex("sa_000000", 2, ids, (0, 1536, 3072, -1, 6144))
+    without = ShardIndex("sa_000001", 500, ids[:1])
+    store.record_shards(None, ["sa_000000", "sa_000001"])
+    store.write_index(with_offsets)
+    store.write_index(without)
+    assert (tmp_path / "_run" / "units" / "sa_000000.json").exists()
+    assert store.read_index("sa_000000") == with_offsets
+    assert store.read_index("sa_000001") == without
+    assert Store(str(tmp_path)).read_index("sa_000000") == with_offsets  # a fresh Store reads it back
+    assert (with_offsets.num_units, without.num_units) == (3, 1)
+    # write_index records the unit counts that status reads; the shard lists are kept.
+    assert store.unit_counts() == {"sa_000000": 3, "sa_000001": 1}
+    assert store.known_shards() == ["sa_000000", "sa_000001"]
+    store.record_units("sa_000002", 7)
+    store.record_units("sa_000001", 2)
+    assert store.unit_counts() == {"sa_000000": 3, "sa_000001": 2, "sa_000002": 7}
+    assert store.known_shards() == ["sa_000000", "sa_000001"]
+    ref = ShardRef("sa_000000", str(tmp_path / "sa_000000.tar"), "sa1b_tar")
+    units = list(store.read_index("sa_000000").units(ref))
+    assert [u.unit_id for u in units] == [unit_id("sa_000000", k) for k in range(3)]
+    # Unit 1 holds a -1 offset (no seek possible): it is read from the top.
+    assert [(u.index, u.image_ids, u.start) for u in units] == [
+        (0, ids[:2], 0),
+        (1, ids[2:4], 0),
+        (2, ids[4:], 6144),
+    ]
+
+    # A stored index of another shard, or an unreadable one, is refused rather than used.
+    (tmp_path / "_run" / "units" / "sa_000003.json").write_text(json.dumps(with_offsets.to_doc()))
+    with pytest.raises(StoreError, match="sa_000003"):
+        store.read_index("sa_000003")
+    (tmp_path / "_run" / "units" / "sa_000004.json").write_text(
+        json.dumps({"version": 1, "shard": "sa_000004"})
+    )
+    with pytest.raises(StoreError, match="sa_000004"):
+        store.read_index("sa_000004")
+    with pytest.raises(StoreError):
+        store.read_index("../x")
+    store.drop_index("sa_000000")
+    assert store.read_index("sa_000000") is None
+
+
+def test_old_per_shard_layout_is_refused_in_one_line(tmp_path):
+    store = Store(str(tmp_path))
+    level1 = tmp_path / "level1"
+    level1.mkdir()
+    (level1 / "sa_000000.parquet").write_bytes(b"PAR1 written by an older version")
+    (level1 / "sa_000000.success.json").write_text(
+        json.dumps(
+            {
+                "level": 1,
+                "shard": "sa_000000",
+                "attempt": 1,
+                "rows": 2,
+                "parquet_bytes": 32,
+                "parquet_sha256": "0" * 64,
+            }
+        )
+    )
+    for call in (lambda: store.committed(1), lambda: store.committed(1, verify=True), store.status):
+        with pytest.raises(OldLayout) as err:
+            call()
+        message = str(err.value)
+        assert isinstance(err.value, StoreError)
+        assert "\n" not in message
+        assert "sa_000000.success.json" in message and "--output" in message
+
+
+def test_iter_batches_streams_the_committed_rows_in_order(tmp_path):
+    store = Store(str(tmp_path))
+    n = 2 * ROW_GROUP_ROWS + 22
+    table = make_table("s1", n=n, errors={5: "depth", n - 1: "tagger"})
+    assert store.commit(1, S1, table, STATS, attempt=1)
+    # Row groups of ROW_GROUP_ROWS rows: later levels read a unit a group at a time.
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(store.parquet_path(1, S1)).metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [
+        ROW_GROUP_ROWS,
+        ROW_GROUP_ROWS,
+        22,
+    ]
+
+    batches = list(store.iter_batches(1, S1))
+    assert [b.num_rows for b in batches] == [ROW_GROUP_ROWS, ROW_GROUP_ROWS, 22]
+    assert pa.Table.from_batches(batches).equals(table)
+    small = list(store.iter_batches(1, S1, columns=["image_id", "status"], batch_size=10))
+    assert len(small) > 3 and all(b.num_rows <= 10 for b in small)
+    assert small[0].schema.names == ["image_id", "status"]
+    got = [i for b in small for i in b.column("image_id").to_pylist()]
+    assert got == table.column("image_id").to_pylist() == [f"s1-{i}" for i in range(n)]
+
+    with pytest.raises(NotCommitted):
+        list(store.iter_batches(1, unit_id("s1", 1)))  # never committed
+    path = store.parquet_path(1, S1)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # same size, different hash
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    with pytest.raises(NotCommitted):
+        list(store.iter_batches(1, S1))

@@ -29,6 +29,7 @@ from grand_pipeline.training.data.transforms import (
     normalise_sam,
     sam_image,
 )
+from grand_pipeline.units import unit_id
 from tests.test_export import H, W, commit, make_row
 
 CLIP, SAM, N_IMG = 32, 64, 4
@@ -258,7 +259,9 @@ def test_split_by_rank_and_worker_at_shard_granularity(run_output, tok) -> None:
     out = str(run_output[0])
     ranks = [GrandGlammDataset(out, tok, config("caption"), rank=r, world_size=2) for r in (0, 1)]
     shards = [ds.shards() for ds in ranks]
-    assert sorted(shards[0] + shards[1]) == ["sa_000000", "sa_000001"] and all(len(s) == 1 for s in shards)
+    # The split is over committed units (the store's keys): here one unit per shard.
+    expected = [unit_id("sa_000000", 0), unit_id("sa_000001", 0)]
+    assert sorted(shards[0] + shards[1]) == expected and all(len(s) == 1 for s in shards)
     together = sorted(i.image_path for ds in ranks for i in ds)
     assert together == ["sa_000000/sa_1.jpg", "sa_000001/sa_3.jpg"]
     # The same seed and epoch give the same items on a rerun; the DataLoader's workers split shards.

@@ -170,3 +170,28 @@ def test_a_different_unit_size_is_refused_on_resume(six_images, tmp_path) -> Non
     assert lines == [lines[0]] and "engine.unit_images=2" in lines[0]
     assert not (out / "level2").exists() or not list((out / "level2").glob("*.success.json"))
 
+
+
+def test_streamed_unit_is_byte_identical_to_the_table_written_at_once(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from grand_pipeline.unit_writer import PARQUET_OPTIONS, ROW_GROUP_ROWS
+    from tests.test_store import STATS, make_table
+
+    table = make_table("s", n=150, errors={3: "detect", 70: None, 149: "depth"})
+    reference = pa.BufferOutputStream()
+    pq.write_table(table, reference, row_group_size=ROW_GROUP_ROWS, **PARQUET_OPTIONS)
+
+    store = Store(str(tmp_path / "streamed"))
+    writer = store.stage_writer(1, "s@00000", attempt=1)
+    for start, size in ((0, 7), (7, 60), (67, 83)):  # micro-batch edges that are not row-group edges
+        writer.write(table.slice(start, size))
+    staged = writer.close()
+    assert staged.counts == {"rows": 150, "ok": 147, "failed": 3,
+                             "failures_by_stage": {"depth": 1, "detect": 1, "unknown": 1}}
+    assert store.commit_staged(staged, STATS, attempt=1)
+    streamed = (tmp_path / "streamed" / "level1" / "s@00000.parquet").read_bytes()
+    assert streamed == reference.getvalue().to_pybytes()
+    assert store.marker(1, "s@00000")["parquet_bytes"] == len(streamed)
+    assert pq.ParquetFile(tmp_path / "streamed" / "level1" / "s@00000.parquet").num_row_groups == 3

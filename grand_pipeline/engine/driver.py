@@ -28,6 +28,7 @@ from grand_pipeline.models.weights import check_sources
 from grand_pipeline.sources import index_shard, list_shards
 from grand_pipeline.sources.base import ShardRef
 from grand_pipeline.store import Store, StoreError
+from grand_pipeline.unit_writer import StagedUnit
 from grand_pipeline.units import ShardIndex, UnitRef
 
 logger = logging.getLogger(__name__)
@@ -196,7 +197,13 @@ def run(
         for ref in shards:
             for lvl in request.levels:
                 store.clear_shard(lvl, ref.shard_id)
-            if 1 in request.levels:
+            old = store.read_index(ref.shard_id) if 1 in request.levels else None
+            if old is not None:
+                if old.unit_images != cfg.engine.unit_images:
+                    # A new split renames every unit: rows of later levels cut the old way would
+                    # pass for the new units of the same ids. They go too.
+                    for lvl in store.levels_present():
+                        store.clear_shard(lvl, ref.shard_id)
                 store.drop_index(ref.shard_id)  # a new unit size takes effect from Level 1
     for lvl in request.levels:
         store.clear_staging(lvl)
@@ -221,7 +228,8 @@ def run(
     attempt = store.next_attempt()
     store.write_run_meta(cfg.to_yaml(), _run_info(cfg, request, attempt, {}))
     exec_name = executor or cfg.engine.executor
-    backend = EXECUTORS.get(exec_name)(cfg, request.output_uri)
+    # Actors stream each unit into a staging file of this attempt; the driver only publishes it.
+    backend = EXECUTORS.get(exec_name)(cfg, request.output_uri, attempt)
     retries: dict[tuple[int, str], int] = {}
     models: dict[str, Any] = {}
     waiting: dict[int, int] = {lvl: 0 for lvl in request.levels}
@@ -290,16 +298,19 @@ def _finish(cfg, store, outcome: Outcome, attempt, retries, summary, emit, model
     uid = outcome.unit.unit_id
     key = (outcome.level, uid)
     committed = False
-    if outcome.table is not None:
+    if outcome.result is not None:
         stats = dict(outcome.stats)
         stats["attempt_retries"] = retries.get(key, 0)
         try:
-            committed = store.commit(outcome.level, uid, outcome.table, stats, attempt)
+            if isinstance(outcome.result, StagedUnit):
+                committed = store.commit_staged(outcome.result, stats, attempt)
+            else:
+                committed = store.commit(outcome.level, uid, outcome.result, stats, attempt)
         except OSError as exc:
             # A failed upload (network, throttling, a full disk) costs one retry of the unit; the
             # staging it left is removed by the next run's clear_staging.
             outcome = Outcome(outcome.level, outcome.unit, error=f"commit failed: {exc!r}")
-    if outcome.table is None:
+    if outcome.result is None:
         retries[key] = retries.get(key, 0) + 1
         emit({"type": "unit_error", "level": outcome.level, "unit": uid,
               "error": outcome.error, "retry": retries[key]})
@@ -319,7 +330,7 @@ def _finish(cfg, store, outcome: Outcome, attempt, retries, summary, emit, model
                        outcome.level, uid, marker.get("attempt"), attempt)
     summary.committed[outcome.level] = summary.committed.get(outcome.level, 0) + int(committed)
     emit({"type": "committed", "level": outcome.level, "unit": uid,
-          "rows": marker.get("rows", outcome.table.num_rows), "ok": marker.get("ok"),
+          "rows": marker.get("rows"), "ok": marker.get("ok"),
           "failed": marker.get("failed"), "seconds": stats.get("seconds"),
           "attempt": marker.get("attempt"), "by_this_attempt": committed})
     return None

@@ -21,6 +21,7 @@ from grand_pipeline.config import GrandConfig
 from grand_pipeline.engine.runner import LevelRunner, StartupFailed
 from grand_pipeline.metrics import PipelineMetrics
 from grand_pipeline.registry import Registry
+from grand_pipeline.unit_writer import StagedUnit
 from grand_pipeline.units import UnitRef
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ logger = logging.getLogger(__name__)
 class Outcome:
     level: int
     unit: UnitRef
-    table: pa.Table | None = None
+    result: pa.Table | StagedUnit | None = None
+    """The unit's rows: staged by the actor (``attempt`` given) or an in-memory table."""
     stats: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     actor_died: bool = False
@@ -39,9 +41,10 @@ class Outcome:
 class Executor:
     metrics: PipelineMetrics
 
-    def __init__(self, cfg: GrandConfig, output_uri: str) -> None:
+    def __init__(self, cfg: GrandConfig, output_uri: str, attempt: int | None = None) -> None:
         self.cfg = cfg
         self.output_uri = output_uri
+        self.attempt = attempt
 
     def capacity(self, level: int) -> int:
         raise NotImplementedError
@@ -70,9 +73,10 @@ EXECUTORS: Registry[type[Executor]] = Registry("executor")
 class LocalExecutor(Executor):
     """Runs each unit synchronously in this process; for debugging and small jobs."""
 
-    def __init__(self, cfg: GrandConfig, output_uri: str) -> None:
+    def __init__(self, cfg: GrandConfig, output_uri: str, attempt: int | None = None) -> None:
         self.cfg = cfg
         self.output_uri = output_uri
+        self.attempt = attempt
         self.metrics = PipelineMetrics()
         self._runners: dict[int, LevelRunner] = {}
         self._done: deque[Outcome] = deque()
@@ -87,8 +91,8 @@ class LocalExecutor(Executor):
         if level not in self._runners:
             self._runners[level] = LevelRunner(self.cfg, level, self.metrics)  # StartupFailed: fatal
         try:
-            table, stats = self._runners[level].run_unit(unit, self.output_uri)
-            self._done.append(Outcome(level, unit, table, stats))
+            result, stats = self._runners[level].run_unit(unit, self.output_uri, attempt=self.attempt)
+            self._done.append(Outcome(level, unit, result, stats))
         except Exception as exc:  # noqa: BLE001 - reported to the driver, which retries
             logger.debug("unit %s level %d failed:\n%s", unit.unit_id, level, traceback.format_exc())
             self._done.append(Outcome(level, unit, error=f"{type(exc).__name__}: {exc}"))
@@ -117,15 +121,17 @@ class _LevelActor:
     def ready(self) -> bool:
         return True
 
-    def run_unit(self, unit: UnitRef, output_uri: str) -> tuple[pa.Table, dict[str, Any]]:
-        return self.runner.run_unit(unit, output_uri)
+    def run_unit(
+        self, unit: UnitRef, output_uri: str, attempt: int | None
+    ) -> tuple[pa.Table | StagedUnit, dict[str, Any]]:
+        return self.runner.run_unit(unit, output_uri, attempt=attempt)
 
 
 @EXECUTORS.register("ray")
 class RayExecutor(Executor):
     """One actor pool per level with bounded in-flight units per actor (backpressure)."""
 
-    def __init__(self, cfg: GrandConfig, output_uri: str) -> None:
+    def __init__(self, cfg: GrandConfig, output_uri: str, attempt: int | None = None) -> None:
         import ray
 
         self.ray = ray
@@ -142,6 +148,7 @@ class RayExecutor(Executor):
             self._owns_ray = False
         self.cfg = cfg
         self.output_uri = output_uri
+        self.attempt = attempt
         self.metrics = PipelineMetrics(ray_enabled=True)
         self._actor_cls = ray.remote(_LevelActor)
         self._actors: dict[int, list[Any]] = {}
@@ -181,7 +188,7 @@ class RayExecutor(Executor):
         actors = self._pool(level)
         loads = self._load[level]
         index = min(range(len(actors)), key=loads.__getitem__)
-        handle = actors[index].run_unit.remote(unit, self.output_uri)
+        handle = actors[index].run_unit.remote(unit, self.output_uri, self.attempt)
         loads[index] += 1
         self._pending[handle] = (level, index, unit)
         self.metrics.in_flight(level, self.in_flight(level))
@@ -195,8 +202,8 @@ class RayExecutor(Executor):
             level, index, unit = self._pending.pop(handle)
             self._load[level][index] -= 1
             try:
-                table, stats = self.ray.get(handle)
-                outcomes.append(Outcome(level, unit, table, stats))
+                result, stats = self.ray.get(handle)
+                outcomes.append(Outcome(level, unit, result, stats))
             except self.ray.exceptions.RayActorError as exc:
                 startup = _startup_failure(exc)
                 if startup is not None:  # the constructor's probe failed: every actor would

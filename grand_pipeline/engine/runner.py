@@ -30,6 +30,7 @@ from grand_pipeline.sources import iter_unit_items
 from grand_pipeline.sources.base import SourceImage
 from grand_pipeline.stage import ImageRecord
 from grand_pipeline.store import Store
+from grand_pipeline.unit_writer import StagedUnit
 from grand_pipeline.units import UnitRef
 
 logger = logging.getLogger(__name__)
@@ -142,15 +143,21 @@ class LevelRunner:
             self.spec.from_previous(record, row)
 
     def run_unit(
-        self, unit: UnitRef, output_uri: str, only: set[str] | None = None
-    ) -> tuple[pa.Table, dict[str, Any]]:
-        """The level's table for ``unit``; with ``only``, just the rows of those image ids
-        (``grand retry-failed``), in source order."""
+        self, unit: UnitRef, output_uri: str, only: set[str] | None = None, attempt: int | None = None
+    ) -> tuple[pa.Table | StagedUnit, dict[str, Any]]:
+        """The level's rows for ``unit``, in source order; with ``only``, just the rows of those
+        image ids (``grand retry-failed``).
+
+        With ``attempt`` the rows are streamed into the unit's staging Parquet of that attempt and
+        the :class:`StagedUnit` is returned (memory follows the micro-batch; the driver publishes
+        it); without, the Arrow table is returned.
+        """
         start = time.perf_counter()
         started = time.time()
         before = self.metrics.stage_seconds.copy()
         llm_before = self.metrics.llm_counts_for(self.level)
         parts: list[pa.Table] = []
+        writer = None if attempt is None else Store(output_uri).stage_writer(self.level, unit.unit_id, attempt)
         micro = self.cfg.pool(self.level).micro_batch
         first_error: str | None = None
         llm_stages = {stage.name for stage in self.stages if "llm" in stage.models}
@@ -164,20 +171,26 @@ class LevelRunner:
             records = self._source_records(unit, wanted)
         else:
             records = self._carried_records(unit, output_uri, only)
-        for batch in prefetched(micro_batches(records, micro), self.cfg.engine.prefetch_batches):
-            with self.metrics.active(self.level):  # LLM attempts count against this level
-                for stage in self.stages:
-                    stage(batch, hook)
-            parts.append(pa.Table.from_pylist([self._row(record) for record in batch], schema=self.spec.schema))
-            for record in batch:
-                if record.ok or record.error_stage in llm_stages:
-                    llm_rows += 1
-                if record.error_stage in llm_stages:
-                    llm_failed += 1
-                    first_error = first_error or record.error
-            for record in batch:
-                record.image = None  # free pixels as soon as the batch is done
-        table = pa.concat_tables(parts) if parts else self.spec.schema.empty_table()
+        try:
+            for batch in prefetched(micro_batches(records, micro), self.cfg.engine.prefetch_batches):
+                self._run_batch(batch, hook, parts, writer)
+                for record in batch:
+                    if record.ok or record.error_stage in llm_stages:
+                        llm_rows += 1
+                    if record.error_stage in llm_stages:
+                        llm_failed += 1
+                        first_error = first_error or record.error
+            if llm_stages and llm_rows and llm_failed == llm_rows:
+                # Every row that reached the LLM failed there: a broken model, not bad images.
+                # Raising makes the driver retry the unit and, once the budget is spent, exit 1.
+                raise UnitFailed(f"unit {unit.unit_id}: the LLM failed on all {llm_rows} row(s): {first_error}")
+            result = writer.close() if writer is not None else (
+                pa.concat_tables(parts) if parts else self.spec.schema.empty_table()
+            )
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
         stage_seconds = {
             stage: round(seconds - before[(lvl, stage)], 4)
             for (lvl, stage), seconds in self.metrics.stage_seconds.items()
@@ -198,11 +211,19 @@ class LevelRunner:
         for key, counts in self.metrics.llm_counts_for(self.level).items():
             delta = {k: n - llm_before[key].get(k, 0) for k, n in counts.items()}
             stats[key] = {k: n for k, n in delta.items() if n}
-        if llm_stages and llm_rows and llm_failed == llm_rows:
-            # Every row that reached the LLM failed there: a broken model, not bad images.
-            # Raising makes the driver retry the unit and, once the budget is spent, exit non-zero.
-            raise UnitFailed(f"unit {unit.unit_id}: the LLM failed on all {llm_rows} row(s): {first_error}")
-        return table, stats
+        return result, stats
+
+    def _run_batch(self, batch: list[ImageRecord], hook: Any, parts: list[pa.Table], writer: Any) -> None:
+        with self.metrics.active(self.level):  # LLM attempts count against this level
+            for stage in self.stages:
+                stage(batch, hook)
+        table = pa.Table.from_pylist([self._row(record) for record in batch], schema=self.spec.schema)
+        if writer is not None:
+            writer.write(table)
+        else:
+            parts.append(table)
+        for record in batch:
+            record.image = None  # free pixels as soon as the batch is done
 
     def _row(self, record: ImageRecord) -> dict[str, Any]:
         row = {
