@@ -87,13 +87,15 @@ class ShardIndex:
     def units(self, ref: ShardRef) -> Iterator[UnitRef]:
         size = self.unit_images
         for k in range(self.num_units):
-            ids = self.image_ids[k * size : (k + 1) * size]
-            start = 0
-            if self.offsets is not None and k > 0:
-                # A half pair or a truncation item has no offset (-1): read from the top then.
-                offsets = self.offsets[k * size : (k + 1) * size]
-                start = 0 if not offsets or min(offsets) < 0 else min(offsets)
-            yield UnitRef(ref, k, tuple(ids), start)
+            yield UnitRef(ref, k, tuple(self.image_ids[k * size : (k + 1) * size]), self.start_of(k))
+
+    def start_of(self, k: int) -> int:
+        """Byte offset where unit ``k``'s reading starts (0: from the top of the file)."""
+        if self.offsets is None or k == 0:
+            return 0
+        # A half pair or a truncation item has no offset (-1): read from the top then.
+        offsets = self.offsets[k * self.unit_images : (k + 1) * self.unit_images]
+        return 0 if not offsets or min(offsets) < 0 else min(offsets)
 
     def to_doc(self) -> dict[str, Any]:
         return {

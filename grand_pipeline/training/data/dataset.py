@@ -38,7 +38,7 @@ from grand_pipeline.store import Store
 from grand_pipeline.training.data.conversation import SpanError, TaskConversation, build_conversation
 from grand_pipeline.training.data.convert import ROW_COLUMNS, ConvertOptions, convert_tasks, row_ok
 from grand_pipeline.training.data.images import DEFAULT_MAX_PIXELS, ImageSource, input_uri
-from grand_pipeline.training.data.rows import committed_shards, iter_shard_rows, training_level
+from grand_pipeline.training.data.rows import committed_shards, iter_shard_rows, training_level, unit_start
 from grand_pipeline.training.data.samples import TASKS, ImageRef, RegionCapSample
 from grand_pipeline.training.data.tokenize import image_text, tokenize_conversation
 from grand_pipeline.training.data.tokens import SpecialIds
@@ -227,7 +227,8 @@ class GrandGlammDataset(IterableDataset):
                 self.counts["items:duplicate_image"] += 1
             else:
                 plans[image_id] = (picked[1][0].image, picked[0], picked[1], rng)
-        for ref, pixels in self.images.iter_images((p[0] for p in plans.values()), self.counts):
+        start = unit_start(self.store, shard)
+        for ref, pixels in self.images.iter_images((p[0] for p in plans.values()), self.counts, start):
             _, task, chosen, rng = plans[ref.image_id]
             item = self.build_item(ref, pixels, task, chosen, rng)
             if item is not None:

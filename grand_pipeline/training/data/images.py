@@ -59,15 +59,16 @@ class ImageSource:
         return self._refs
 
     def iter_images(
-        self, wanted: Iterable[ImageRef], counts: Counter
+        self, wanted: Iterable[ImageRef], counts: Counter, start: int = 0
     ) -> Iterator[tuple[ImageRef, np.ndarray]]:
         """Yield ``(ref, H x W x 3 uint8 pixels)`` for each usable wanted image, shard by shard in
-        first-wanted order, images in each shard's stored order; the rest are counted."""
-        for ref, pixels, _ in self.iter_encoded(wanted, counts):
+        first-wanted order, images in each shard's stored order; the rest are counted. ``start``:
+        the byte offset of the unit the images belong to (see ``units.ShardIndex.start_of``)."""
+        for ref, pixels, _ in self.iter_encoded(wanted, counts, start):
             yield ref, pixels
 
     def iter_encoded(
-        self, wanted: Iterable[ImageRef], counts: Counter
+        self, wanted: Iterable[ImageRef], counts: Counter, start: int = 0
     ) -> Iterator[tuple[ImageRef, np.ndarray, bytes]]:
         """:meth:`iter_images` plus each image's source bytes (an export copies a JPEG as it is)."""
         by_shard: dict[str, dict[str, ImageRef]] = defaultdict(dict)
@@ -79,13 +80,13 @@ class ImageSource:
                 logger.warning("shard %s is not under %s: %d image(s) skipped", shard_id, self.uri, len(refs))
                 counts["images:shard_missing"] += len(refs)
                 continue
-            yield from self._shard_pass(shard, refs, counts)
+            yield from self._shard_pass(shard, refs, counts, start)
 
     def _shard_pass(
-        self, shard: ShardRef, refs: dict[str, ImageRef], counts: Counter
+        self, shard: ShardRef, refs: dict[str, ImageRef], counts: Counter, start: int = 0
     ) -> Iterator[tuple[ImageRef, np.ndarray, bytes]]:
         seen: set[str] = set()
-        items = iter_shard(shard, only=set(refs))
+        items = iter_shard(shard, only=set(refs), start=start)
         try:
             for item in items:
                 ref = refs.get(item.image_id)

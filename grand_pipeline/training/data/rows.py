@@ -14,6 +14,7 @@ from typing import Any
 from grand_pipeline.store import Store, StoreError
 from grand_pipeline.training.data.convert import ConvertOptions, convert_row
 from grand_pipeline.training.data.samples import GCGSample
+from grand_pipeline.units import split_unit_id
 
 #: The first level whose rows hold grounded captions.
 MIN_LEVEL = 3
@@ -35,7 +36,16 @@ def training_level(store: Store) -> int:
 
 
 def committed_shards(store: Store, level: int) -> list[str]:
+    """The committed units of ``level`` (the unit of commit; each names its shard)."""
     return sorted(store.committed(level))
+
+
+def unit_start(store: Store, unit: str) -> int:
+    """Byte offset in its source tar where ``unit``'s images start (0 without a stored index), so
+    reading a unit's pixels does not read the units before it."""
+    shard, k = split_unit_id(unit)
+    index = store.read_index(shard)
+    return index.start_of(k) if index is not None else 0
 
 
 def iter_shard_rows(
