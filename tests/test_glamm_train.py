@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -336,7 +337,9 @@ def test_prefetch_keeps_the_item_order_and_cursor_and_closes(output) -> None:
         for _ in range(5):  # more than an epoch of the 2-image output: crosses epochs
             (item,) = stream.next_batch()
             run.append((item.image_path, item.task, stream.cursor))
+        threads = {t.name for t in threading.enumerate()}
+        assert ("grand-prefetch" in threads) == (prefetch > 0)
         stream.close()
-        assert stream._thread is None
+        assert "grand-prefetch" not in {t.name for t in threading.enumerate()}
         seen.append(run)
     assert seen[0] == seen[1]

@@ -20,15 +20,14 @@ from its own seeded generators, never the global RNG, so the thread cannot pertu
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from grand_pipeline.config import ConfigError
+from grand_pipeline.engine.prefetch import prefetched
 from grand_pipeline.training.data.dataset import GrandGlammDataset, TrainItem
 
 from .checkpoint import Cursor
@@ -66,8 +65,7 @@ class BatchStream:
         self.seed = seed
         self.epoch, self.items = cursor.epoch, cursor.items
         self._loader: DataLoader | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._feed: Generator[tuple[int, int, TrainItem], None, None] | None = None
         self._items = self._iterate(cursor) if prefetch <= 0 else self._prefetched(cursor, prefetch)
 
     @property
@@ -114,43 +112,17 @@ class BatchStream:
             yield item
 
     def _prefetched(self, start: Cursor, depth: int) -> Iterator[TrainItem]:
-        """:meth:`_iterate`, produced by a daemon thread up to ``depth`` items ahead."""
-        ready: queue.Queue = queue.Queue(maxsize=depth)
-        stop = self._stop
-
-        def offer(value: Any) -> bool:
-            """Put ``value`` unless the stream is closed; False once it is."""
-            while not stop.is_set():
-                try:
-                    ready.put(value, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def produce() -> None:
-            try:
-                for position in self._positions(start):
-                    if not offer(position):
-                        return
-            except BaseException as exc:  # handed to the consumer, raised there
-                offer(exc)
-
-        self._thread = threading.Thread(target=produce, name="grand-prefetch", daemon=True)
-        self._thread.start()
-        while True:
-            got = ready.get()
-            if isinstance(got, BaseException):
-                raise got
-            self.epoch, self.items, item = got
+        """:meth:`_iterate`, produced by the pipeline's read-ahead thread up to ``depth`` items ahead."""
+        self._feed = prefetched(self._positions(start), depth)
+        for epoch, seen, item in self._feed:
+            self.epoch, self.items = epoch, seen
             yield item
 
     def close(self) -> None:
         """Stop the prefetch thread (it finishes the item in hand, then ends); idempotent."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
-            self._thread = None
+        if self._feed is not None:
+            self._feed.close()  # sets its stop flag and joins its thread
+            self._feed = None
 
     def next_batch(self) -> dict[str, Any]:
         """The next micro-batch (collated); advances the cursor by ``batch_size`` items."""
