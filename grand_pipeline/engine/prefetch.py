@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -23,7 +23,7 @@ class _Failure:
         self.exc = exc
 
 
-def prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
+def prefetched(items: Iterator[T], depth: int) -> Generator[T, None, None]:
     """Yield ``items`` in order, produced up to ``depth`` ahead by a thread (0: in line).
 
     An exception raised by the producer is re-raised here, at the item where it happened. When the

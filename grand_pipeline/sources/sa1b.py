@@ -150,7 +150,9 @@ def index_sa1b_tar(ref: ShardRef) -> tuple[list[str], list[int] | None]:
     """The image ids of a tar in the order :func:`iter_sa1b_tar` yields them, and the byte offset
     of each item's first member header (None for a compressed tar, which cannot be entered
     mid-way). Reads headers only: member data is skipped, never kept."""
-    ids, offsets, info = [], [], {}
+    ids: list[str] = []
+    offsets: list[int] = []
+    info: dict[str, Any] = {}
     for item, offset in _scan(ref, None, 0, read_data=False, info=info):
         ids.append(item.image_id)
         offsets.append(offset)

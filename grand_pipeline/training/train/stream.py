@@ -113,8 +113,8 @@ class BatchStream:
 
     def _prefetched(self, start: Cursor, depth: int) -> Iterator[TrainItem]:
         """:meth:`_iterate`, produced by the pipeline's read-ahead thread up to ``depth`` items ahead."""
-        self._feed = prefetched(self._positions(start), depth)
-        for epoch, seen, item in self._feed:
+        feed = self._feed = prefetched(self._positions(start), depth)
+        for epoch, seen, item in feed:
             self.epoch, self.items = epoch, seen
             yield item
 
