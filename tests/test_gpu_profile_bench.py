@@ -19,7 +19,8 @@ PUBLISHED_M = {
     "grounding_dino": 233,  # IDEA-Research/grounding-dino-base
 }
 
-ROW = re.compile(r"^(?P<level>\d|all)\s+(?P<stage>\w+)\s+(?P<backends>\S+)?\s+(?P<load>\d+\.\d{2})\s+(?P<per>\d+\.\d{4})$")
+ROW = re.compile(r"^(?P<level>\d|all)\s+(?P<stage>\w+)\s+(?P<backends>\S+)?\s+(?P<load>\d+\.\d{2})\s+(?P<per>\d+\.\d{4})"
+                 r"\s+(?P<kernel>\d+\.\d{4}|n/a)\s+(?P<busy>\d+\.\d|n/a)$")
 
 
 @pytest.mark.parametrize("backend", sorted(PUBLISHED_M))
@@ -40,13 +41,13 @@ def test_synthetic_images_have_the_requested_objects_inside_the_frame() -> None:
 
 @pytest.mark.slow
 def test_tiny_run_prints_the_documented_table(capsys) -> None:
-    assert gpu_profile.main(["--tiny", "--images", "1", "--objects", "20", "30"]) == 0
+    assert gpu_profile.main(["--tiny", "--images", "1", "--objects", "20", "30", "--force-stand-ins"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     header = dict(item.split("=", 1) for item in lines[0].removeprefix("# gpu_profile ").split())
     assert header["mode"] == "tiny" and header["device"].startswith("cpu") and header["images"] == "1"
     assert 20 <= int(header["objects"].split("-")[0]) <= int(header["objects"].split("-")[1]) <= 30
-    assert lines[1].split() == ["level", "stage", "backends", "load_s", "s_per_image"]
-    rows = [ROW.match(line) for line in lines[2:] if not line.startswith("# note:")]
+    assert lines[1].split() == ["level", "stage", "backends", "load_s", "s_per_image", "kernel_s", "busy_%"]
+    rows = [ROW.match(line) for line in lines[2:] if not line.startswith("# ")]
     assert all(rows), [line for line, m in zip(lines[2:], rows, strict=False) if not m]
     stages = {(m["level"], m["stage"]): m for m in rows}
     for level, names in ((1, ("tags", "detect", "vote", "masks", "attributes", "depth")),
@@ -57,7 +58,72 @@ def test_tiny_run_prints_the_documented_table(capsys) -> None:
         assert level_total == pytest.approx(sum(float(m["per"]) for (lv, s), m in stages.items()
                                                 if lv == str(level) and s != "total"), abs=1e-3)  # fmt: skip
     assert stages[("1", "masks")]["backends"] == "sam" and stages[("2", "captions")]["backends"] == "blip2"
+    # No CUDA kernels on a CPU: every row, level totals included, says n/a.
+    assert all(m["kernel"] == "n/a" and m["busy"] == "n/a" for m in rows)
     assert any(line.startswith("# note: skipped llm") for line in lines)
+    # --force-stand-ins: both stand-ins noted, and the phrases row names the regex splitter.
+    notes = [line for line in lines if line.startswith("# note: stand-in ")]
+    assert any("phrase_extractor (regex_phrases_standin)" in n and "used by 2/phrases" in n for n in notes), notes
+    assert any("text_embedder (minilm_standin)" in n and "MiniLM-L6" in n for n in notes), notes
+    assert stages[("2", "phrases")]["backends"] == "regex_phrases_standin"
+    bound = [line for line in lines if line.startswith("# llm bound (transformers generate, ")]
+    assert len(bound) == 1 and "tiny" in bound[0], bound
+    assert re.search(r"batch 2, 16\+8 tokens\): \d+\.\d{2} s/prompt$", bound[0]), bound
+
+
+def test_render_reports_kernel_time_and_busy_percent() -> None:
+    rows = [{"level": 1, "stage": "tags", "backends": "clip_tagger", "load_s": 1.0, "per_image": 0.2,
+             "kernel_per_image": 0.05},
+            {"level": 1, "stage": "masks", "backends": "sam", "load_s": 2.0, "per_image": 0.8,
+             "kernel_per_image": 0.6}]  # fmt: skip
+    lines = gpu_profile.render(rows, {"device": "x"}, ["n"], ["# llm bound (x): 0.58 s/prompt"]).splitlines()
+    parsed = {(m["level"], m["stage"]): m for m in map(ROW.match, lines[2:5])}
+    assert parsed[("1", "tags")]["kernel"] == "0.0500" and parsed[("1", "tags")]["busy"] == "25.0"
+    assert parsed[("1", "total")]["kernel"] == "0.6500" and parsed[("1", "total")]["busy"] == "65.0"
+    assert lines[-2:] == ["# llm bound (x): 0.58 s/prompt", "# note: n"]
+
+
+def test_cuda_kernel_seconds_sums_device_events_only() -> None:
+    import types
+
+    import torch
+
+    def event(device_type, us):
+        return types.SimpleNamespace(device_type=device_type, time_range=types.SimpleNamespace(elapsed_us=lambda: us))
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    assert gpu_profile.cuda_kernel_seconds([event(cuda, 1500.0), event(cpu, 9e6), event(cuda, 500.0)]) == 0.002
+
+
+def test_regex_phrase_stand_in_keeps_offsets() -> None:
+    from benchmarks import stand_ins
+
+    text = "A man in a red shirt is holding the big dog, next to two wooden chairs."
+    phrases = stand_ins.regex_phrases(text)
+    assert [p.text for p in phrases] == ["man", "red shirt", "big dog", "wooden chairs"]
+    assert all(text[p.start : p.end] == p.text for p in phrases)
+    assert [p.root for p in phrases] == ["man", "shirt", "dog", "chairs"]
+
+
+def test_minilm_stand_in_is_full_size_and_embeds(monkeypatch) -> None:
+    import numpy as np
+
+    from benchmarks import stand_ins
+    from grand_pipeline.config import ModelSpec
+    from grand_pipeline.models.roles import BACKENDS
+
+    stand_ins._register()
+    # Neither the package nor the Hugging Face cache: the word-level tokenizer of the same vocab.
+    monkeypatch.setattr(stand_ins, "_TOKENIZER", None)
+    monkeypatch.setattr(stand_ins, "MINILM_PACKAGE", "no_such_minilm_package")
+    monkeypatch.setattr(stand_ins, "MINILM_HUB_ID", "/nonexistent/minilm")
+    embedder = BACKENDS["text_embedder"].get(stand_ins.MINILM_BACKEND)(ModelSpec(stand_ins.MINILM_BACKEND, ""))
+    assert "word-level" in embedder.model_id and len(embedder.tokenizer) == 30522
+    config = embedder.model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+            config.intermediate_size, config.vocab_size) == (6, 384, 12, 1536, 30522)  # fmt: skip
+    vectors = embedder.embed(["a red cup", "a dog on a table"])
+    assert vectors.shape == (2, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
 
 
 def test_full_size_rtdetr_folder_loads_through_the_ultralytics_backend(tmp_path) -> None:
