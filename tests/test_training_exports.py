@@ -213,9 +213,9 @@ def test_grandf_gcg_round_trips_through_the_authors_reading_rules(
     passes: list[str] = []
     real_iter_shard = images_module.iter_shard
 
-    def counting_iter_shard(ref, only=None):
+    def counting_iter_shard(ref, only=None, start=0):
         passes.append(ref.shard_id)
-        return real_iter_shard(ref, only)
+        return real_iter_shard(ref, only, start)
 
     monkeypatch.setattr(images_module, "iter_shard", counting_iter_shard)
     to = tmp_path / "grandf"
