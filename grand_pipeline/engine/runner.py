@@ -1,12 +1,13 @@
 """LevelRunner: one level's stages, built once per actor, applied to one sub-shard unit at a time.
 
 The runner is what a Ray actor (or the local executor) holds. ``run_unit`` streams a unit's
-images through micro-batches and returns the level's Arrow table in source order, plus stats for
-the commit marker. It never writes: committing is the driver's job.
+images through micro-batches, in source order, plus stats for the commit marker. Given the run's
+attempt it streams the rows into the unit's staging Parquet (``Store.stage_writer``); otherwise it
+returns the Arrow table (``grand retry-failed`` splices it). Publishing is the driver's job.
 
 Memory follows the micro-batch: Level 1 streams the unit's bytes from the tar; later levels read
 the previous level's rows a Parquet row group at a time, in lock step with the unit's source
-items (only when the level needs pixels), and each finished micro-batch is kept as compact Arrow.
+items (only when the level needs pixels), and each finished micro-batch goes to the writer.
 A thread reads and decodes the next micro-batch while the current one runs on the models.
 """
 
@@ -70,11 +71,8 @@ class LevelRunner:
         # One tiny call through each model that can fail at run time only (an LLM without a chat
         # template, a vLLM that cannot start): a broken model stops the run here, before any unit.
         for stage in self.stages:
-            check = getattr(stage, "startup_check", None)
-            if check is None:
-                continue
             try:
-                check()
+                stage.startup_check()
             except Exception as exc:  # noqa: BLE001 - any failure of the probe stops the run
                 raise StartupFailed(f"level {level} stage {stage.name}: {exc}") from exc
         self.config_hash = cfg.content_hash()

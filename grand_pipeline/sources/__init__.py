@@ -181,12 +181,12 @@ def iter_unit_items(ref: ShardRef, image_ids: Collection[str], start: int = 0) -
     if not wanted:
         return
     it = iter_shard(ref, wanted, start)
-    seen = 0
+    seen: set[str] = set()
     try:
         for item in it:
             yield item
-            seen += 1
-            if seen == len(wanted):
+            seen.add(item.image_id)
+            if len(seen) == len(wanted):
                 break
     finally:
         close = getattr(it, "close", None)
@@ -199,18 +199,7 @@ def read_images(ref: ShardRef, image_ids: set[str]) -> dict[str, SourceImage]:
 
     Later levels need the pixels again; reading stops as soon as all ids were found.
     """
-    wanted = set(image_ids)
     found: dict[str, SourceImage] = {}
-    if not wanted:
-        return found
-    it = iter_shard(ref, only=wanted)
-    try:
-        for item in it:
-            found.setdefault(item.image_id, item)
-            if len(found) == len(wanted):
-                break
-    finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()  # closes the tar stream now, not at garbage collection
+    for item in iter_unit_items(ref, image_ids):
+        found.setdefault(item.image_id, item)
     return found
