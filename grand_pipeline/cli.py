@@ -45,10 +45,15 @@ def parse_levels(level: int | None, levels: str | None) -> list[int]:
         text = levels or "1"
         lo, _, hi = text.partition("-")
         try:
-            wanted = list(range(int(lo), int(hi or lo) + 1))
+            start, end = int(lo), int(hi or lo)
         except ValueError:
             raise ConfigError(f"--levels {text!r}: expected N or N-M, e.g. 1-4") from None
+        if start > end:
+            raise ConfigError(f"--levels {text!r}: the range must go up (N-M with N <= M), e.g. 1-4")
+        wanted = list(range(start, end + 1))
     for number in wanted:
+        if number < 1:
+            raise ConfigError(f"level {number} is not available: levels start at 1")
         try:
             level_spec(number)
         except UnknownNameError as exc:
@@ -82,9 +87,10 @@ def run(
         raise ConfigError(f"--mode {mode!r}: expected resume or overwrite")
     if executor is not None and executor not in ("ray", "local"):
         raise ConfigError(f"--executor {executor!r}: expected ray or local")
-    cfg = load_config(profile, config, set_ or [])
+    # The flags first: a typo there is reported before the profile is loaded.
     wanted = parse_levels(level, levels)
     request = driver.RunRequest(input, output, wanted, mode, shards, limit)  # type: ignore[arg-type]
+    cfg = load_config(profile, config, set_ or [])
     bars: dict[int, Any] = {}
     rows: dict[int, int] = {}
     started = time.monotonic()
@@ -162,6 +168,7 @@ def status(
     """Per level: units and shards committed/total, images ok/failed, throughput."""
     from grand_pipeline.store import Store
 
+    Store(output).require_existing()  # a mistyped --output is an error, not an empty table
     if as_json:
         typer.echo(json.dumps(Store(output).status(), indent=2, sort_keys=True))
         return
@@ -300,6 +307,7 @@ def retry_failed(
     from grand_pipeline.retry import retry_failed as run_retry
 
     _setup_logging(verbose)
+    parse_levels(level, None)  # a level that does not exist is a typo, not "no failed images"
     cfg = load_config(profile, config, set_ or [])
     summary = run_retry(cfg, output, level, input)
     if not summary.recomputed:

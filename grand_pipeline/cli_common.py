@@ -25,6 +25,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, NothingToRun, ModelSourceError, UnknownNameError, SourceError, StoreError)
 
 
+#: OS errors that name a path the user chose; other OSErrors (a full disk, a lost connection)
+#: keep their traceback.
+_PATH_ERRORS = (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
+
+
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn user-caused errors into one line on stderr and exit code 2; bugs keep their traceback."""
 
@@ -34,6 +39,12 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except user_errors() as exc:
             typer.echo(f"grand: error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except _PATH_ERRORS as exc:
+            # A path the user gave that cannot be used (a file where a folder must be, no
+            # permission, /proc): the path and the reason are the whole story.
+            where = f"{exc.filename}: " if exc.filename else ""
+            typer.echo(f"grand: error: {where}{exc.strerror or exc}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper

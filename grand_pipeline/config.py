@@ -35,7 +35,9 @@ class ModelSpec:
     batch_size: int = 8
     device: str = "cpu"
     options: dict[str, Any] = field(default_factory=dict)
-    """Backend-specific knobs (thresholds of the model itself, input size, ...)."""
+    """Backend-specific knobs (input size, the model's own candidate floor, ...). Checked at load
+    against the backend's options dataclass (``roles.register_backend``), kept here as plain data so
+    that the config and its content hash do not depend on the backends."""
 
 
 @dataclass
@@ -93,8 +95,17 @@ class Level1Config:
     region_min_area: float = 0.01
     """Region proposals smaller than this fraction of the image are not classified."""
     floating_attribute_iou: float = 0.65
+    max_regions: int = 256
+    """Leftover SA-1B regions described as floating attributes per image, largest box first (ties
+    keep file order); the rest are dropped and counted in a log line. Each costs a region-captioner
+    crop, so an image with 20,000 masks would otherwise take minutes. SA-1B images average ~100
+    masks, few of them leftovers of at least ``region_min_area``, so the cap rarely bites."""
     max_image_pixels: int = 60_000_000
-    """Images above this are refused with an error row instead of exhausting memory."""
+    """Images above this are refused with an error row instead of exhausting memory. Measured
+    peak RSS of a tiny-lite Level-1 process on one image with 14 segmented masks
+    (``benchmarks/large_image_memory.py``): about 1.1 GB (models) + 37 MB per megapixel, i.e.
+    1.7 GB at 16 MP and 3.3 GB at 59 MP (it was 14.4 GB at 59 MP while the segmenter upsampled
+    16 masks at once). So at 60 MP a micro-batch of two images peaks near 5.5 GB."""
 
 
 @dataclass
@@ -141,6 +152,9 @@ class Level4Config:
     """As ``level3.first_temperature``."""
     min_sentences: int = 5
     max_sentences: int = 7
+    relevance_similarity: float = 0.6
+    """Cosine (text embedder) at which a context word counts as naming a scene item ("kitten" ~
+    "cat" is 0.79 with MiniLM; unrelated words stay below 0.5)."""
 
 
 @dataclass
@@ -331,41 +345,139 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
     return obj
 
 
-def _validate(obj: Any, prefix: str) -> None:
-    def bad(name: str, why: str) -> ConfigError:
-        return ConfigError(f"{prefix + '.' if prefix else ''}{name}: {why}")
+def check_ranges(
+    obj: Any,
+    *,
+    unit: tuple[str, ...] = (),
+    at_least_one: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (),
+    positive: tuple[str, ...] = (),
+) -> None:
+    """Raise ``ConfigError("field: why")`` for the first field of ``obj`` out of its range.
 
-    if isinstance(obj, Level1Config):
-        for name in ("nms_iou", "vote_iou", "mask_iou", "mask_containment", "tag_threshold", "floating_attribute_iou"):
-            if not 0.0 <= getattr(obj, name) <= 1.0:
-                raise bad(name, "must be within [0, 1]")
-        if obj.min_models < 1:
-            raise bad("min_models", "must be >= 1")
-    if isinstance(obj, EngineConfig):
-        if obj.unit_images < 1:
-            raise bad("unit_images", "must be >= 1")
-        if obj.prefetch_batches < 0:
-            raise bad("prefetch_batches", "must be >= 0")
-        if obj.max_shard_retries < 0 or obj.max_in_flight_per_actor < 1:
-            raise bad("max_shard_retries", "retries must be >= 0 and max_in_flight_per_actor >= 1")
-    if isinstance(obj, PoolConfig):
-        if obj.num_actors < 1:
-            raise bad("num_actors", "must be >= 1")
-        if obj.micro_batch < 1:
-            raise bad("micro_batch", "must be >= 1")
-        if obj.num_gpus < 0 or obj.num_cpus < 0:
-            raise bad("num_gpus", "resources must be >= 0")
-        if obj.num_gpus > 1 and not float(obj.num_gpus).is_integer():
-            # Ray shares a GPU between actors only below one; above, it wants whole GPUs.
-            raise bad("num_gpus", f"above 1 must be a whole number, got {obj.num_gpus}")
-        for name, amount in obj.resources.items():
-            # CPU/GPU have their own fields; Ray rejects them (and memory) as custom resources.
-            if not name or name in ("CPU", "GPU", "memory", "object_store_memory"):
-                raise bad(f"resources.{name}", "use num_cpus/num_gpus; custom names only")
-            if amount < 0:
-                raise bad(f"resources.{name}", "must be >= 0")
-    if isinstance(obj, ModelSpec) and obj.batch_size < 1:
-        raise bad("batch_size", "must be >= 1")
+    ``unit`` fields lie within [0, 1], ``at_least_one`` are >= 1, ``non_negative`` >= 0,
+    ``positive`` > 0. A None value (an optional field left unset) passes; a mapping or list is
+    checked value by value and the key names the entry (``score_thresholds.nanodet``). Shared by
+    the level configs here and by the backends' option dataclasses, so a range reads the same
+    everywhere."""
+    rules = (
+        (unit, lambda v: 0.0 <= v <= 1.0, "must be within [0, 1]"),
+        (at_least_one, lambda v: v >= 1, "must be >= 1"),
+        (non_negative, lambda v: v >= 0, "must be >= 0"),
+        (positive, lambda v: v > 0, "must be > 0"),
+    )
+    for names, ok, why in rules:
+        for name in names:
+            value = getattr(obj, name)
+            if isinstance(value, dict):
+                entries = [(f"{name}.{k}", v) for k, v in value.items()]
+            elif isinstance(value, list | tuple):
+                entries = [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+            else:
+                entries = [(name, value)]
+            for key, v in entries:
+                if v is not None and not ok(v):
+                    raise ConfigError(f"{key}: {why}, got {v!r}")
+
+
+def _check_level1(obj: Level1Config) -> None:
+    check_ranges(
+        obj,
+        unit=("tag_threshold", "score_thresholds", "trusted", "nms_iou", "vote_iou", "mask_iou",
+              "mask_containment", "region_min_area", "floating_attribute_iou"),
+        at_least_one=("tag_top_k", "min_models", "max_image_pixels"),
+        non_negative=("max_regions",),
+    )
+
+
+def _check_person(obj: PersonRules) -> None:
+    check_ranges(obj, unit=("promote", "floor"))
+
+
+def _check_level2(obj: Level2Config) -> None:
+    check_ranges(
+        obj,
+        unit=("grounding_iou",),
+        at_least_one=("promote_min_labels", "promote_min_models", "max_phrases"),
+    )
+
+
+def _check_generation(obj: Level3Config | Level4Config) -> None:
+    """The verified LLM loop's knobs, shared by levels 3 and 4."""
+    check_ranges(
+        obj,
+        at_least_one=("max_objects", "max_attempts", "max_new_tokens"),
+        non_negative=("temperature", "first_temperature"),
+    )
+
+
+def _check_level3(obj: Level3Config) -> None:
+    _check_generation(obj)
+    check_ranges(obj, unit=("layer_thresholds", "embedding_match"), positive=("group_radius",))
+    bounds = obj.layer_thresholds
+    # Three bounds split four named layers (immediate foreground .. background); equal or falling
+    # bounds would leave a layer that no object can ever land in.
+    if len(bounds) != 3 or any(lo >= hi for lo, hi in zip(bounds, bounds[1:], strict=False)):
+        raise ConfigError(f"layer_thresholds: needs 3 strictly increasing bounds, got {bounds}")
+
+
+def _check_level4(obj: Level4Config) -> None:
+    _check_generation(obj)
+    check_ranges(obj, unit=("relevance_similarity",), at_least_one=("min_sentences",))
+    if obj.min_sentences > obj.max_sentences:
+        raise ConfigError(
+            f"min_sentences: {obj.min_sentences} is above max_sentences ({obj.max_sentences})"
+        )
+
+
+def _check_engine(obj: EngineConfig) -> None:
+    check_ranges(
+        obj,
+        at_least_one=("unit_images", "max_in_flight_per_actor"),
+        non_negative=("max_shard_retries", "torch_threads", "prefetch_batches"),
+    )
+
+
+def _check_pool(obj: PoolConfig) -> None:
+    check_ranges(obj, at_least_one=("num_actors", "micro_batch"), non_negative=("num_cpus", "num_gpus"))
+    if obj.num_gpus > 1 and not float(obj.num_gpus).is_integer():
+        # Ray shares a GPU between actors only below one; above, it wants whole GPUs.
+        raise ConfigError(f"num_gpus: above 1 must be a whole number, got {obj.num_gpus}")
+    for name in obj.resources:
+        # CPU/GPU have their own fields; Ray rejects them (and memory) as custom resources.
+        if not name or name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ConfigError(f"resources.{name}: use num_cpus/num_gpus; custom names only")
+    check_ranges(obj, non_negative=("resources",))
+
+
+def _check_spec(obj: ModelSpec) -> None:
+    check_ranges(obj, at_least_one=("batch_size",))
+
+
+#: Checks per config class, run by ``build`` once the object exists; each raises
+#: ``ConfigError("field: why")`` and ``build`` puts the dotted prefix in front.
+CHECKS: dict[type, Any] = {
+    Level1Config: _check_level1,
+    PersonRules: _check_person,
+    Level2Config: _check_level2,
+    Level3Config: _check_level3,
+    Level4Config: _check_level4,
+    EngineConfig: _check_engine,
+    PoolConfig: _check_pool,
+    ModelSpec: _check_spec,
+}
+
+
+def _validate(obj: Any, prefix: str) -> None:
+    """Run ``obj``'s check: the ``CHECKS`` entry of its class, or its own ``validate()`` method
+    (the backends' option dataclasses), and name the dotted key in the error."""
+    check = CHECKS.get(type(obj)) or getattr(type(obj), "validate", None)
+    if check is None:
+        return
+    try:
+        check(obj)
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}.{exc}" if prefix else str(exc)) from None
 
 
 def load_config(
@@ -379,9 +491,24 @@ def load_config(
     data["profile"] = profile
     cfg = build(GrandConfig, data)
     members = set(cfg.models.detectors)
-    for name in list(cfg.level1.vote_order) + list(cfg.level1.score_thresholds):
-        if name not in members:
-            raise ConfigError(
-                f"level1: {name!r} is not a detector member; members: {', '.join(sorted(members))}"
-            )
+    member_keys = (
+        ("vote_order", cfg.level1.vote_order),
+        ("score_thresholds", cfg.level1.score_thresholds),
+        ("trusted", cfg.level1.trusted),
+        ("person.promote", cfg.level1.person.promote),
+        ("person.drop_unmatched_from", cfg.level1.person.drop_unmatched_from),
+    )
+    for key, names in member_keys:
+        for name in names:
+            if name not in members:
+                raise ConfigError(
+                    f"level1.{key}: {name!r} is not a detector member; "
+                    f"members: {', '.join(sorted(members))}"
+                )
+    # Backend names and options are checked against the backend registries here, at load time,
+    # so that a typo costs one line and exit 2 rather than a failed actor after models load.
+    # Imported late: the models package imports this module.
+    from grand_pipeline.models.hub import validate_models
+
+    validate_models(cfg)
     return cfg

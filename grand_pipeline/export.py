@@ -10,6 +10,8 @@ them (``export_ref.py``). Training formats live in add-ons, registered through t
 Rows come from the highest level that has committed shards (every row is cumulative, so that
 level holds everything). Error rows are not exported: the job counts them (``rows:error``) and
 lists them with their errors; every filter drop is counted by reason (``<unit>:<reason>``).
+An image id held by more than one shard is never written twice under one name: every copy
+becomes ``<image_id>__<shard>.json``, counted (``images:duplicate_id``) and listed in the summary.
 
 **Layout.** The summary is ``TO/_export/summary.json``, written last, so its presence means the
 export finished, and it never sits among the data files where a loader globbing ``TO/*.json``
@@ -35,6 +37,7 @@ from grand_pipeline.config import ConfigError
 from grand_pipeline.registry import Registry
 from grand_pipeline.schemas import STATUS_OK
 from grand_pipeline.store import Store, StoreError
+from grand_pipeline.units import split_unit_id
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +93,17 @@ class ExportJob:
     def rows(self) -> Iterator[Row]:
         for _, rows in self.shards():
             yield from rows
+
+    def shared_ids(self) -> dict[str, list[str]]:
+        """image id -> the units whose ok rows hold it, for ids held by more than one unit (two
+        shards with the same image). Parses only the two id columns, before any file is written."""
+        holders: dict[str, list[str]] = {}
+        for unit in sorted(self.store.committed(self.level)):
+            table = self.store.read(self.level, unit, columns=["image_id", "status"])
+            for image_id, status in zip(table["image_id"].to_pylist(), table["status"].to_pylist(), strict=True):
+                if status == STATUS_OK:
+                    holders.setdefault(image_id, []).append(unit)
+        return {image_id: units for image_id, units in holders.items() if len(units) > 1}
 
     def _ok_rows(self, shard: str) -> Iterator[Row]:
         for batch in self.store.read(self.level, shard).to_batches():
@@ -181,22 +195,48 @@ class PerImageJson:
     def __call__(self, job: ExportJob) -> dict[str, Any]:
         folder = job.target / self.folder
         folder.mkdir(parents=True, exist_ok=True)
-        written = 0
-        for row in job.rows():
-            job.counts["rows:ok"] += 1
-            if job.options.only_verified and not dense_verified(row):
-                job.counts["images:unverified"] += 1
-                continue
-            write_json_atomic(
-                folder / safe_file_name(row["image_id"], ".json"), self.document(row, job.level)
+        shared = job.shared_ids()
+        if shared:
+            logger.warning(
+                "%d image id(s) occur in more than one shard (e.g. %s); each copy is written as "
+                "<image_id>__<shard>.json", len(shared), next(iter(shared)),
             )
-            written += 1
+        written, duplicates, names = 0, {}, set()
+        for unit, rows in job.shards():
+            for row in rows:
+                job.counts["rows:ok"] += 1
+                if job.options.only_verified and not dense_verified(row):
+                    job.counts["images:unverified"] += 1
+                    continue
+                image_id = row["image_id"]
+                stem = image_id if image_id not in shared else _copy_stem(image_id, unit, shared[image_id])
+                name = safe_file_name(stem, ".json")
+                if name in names:  # e.g. an id that is itself "<id>__<shard>": refuse, never overwrite
+                    raise StoreError(f"two exported images would both be written as {folder / name}")
+                names.add(name)
+                write_json_atomic(folder / name, self.document(row, job.level))
+                written += 1
+                if image_id in shared:
+                    job.counts["images:duplicate_id"] += 1
+                    duplicates.setdefault(image_id, []).append(name)
         where = f"{self.folder}/" if self.folder else ""
         return {
             "exported": written,
             "unit": "image(s)",
-            "layout": {f"{where}<image_id>.json": "one document per image"},
+            "layout": {
+                f"{where}<image_id>.json": "one document per image",
+                f"{where}<image_id>__<shard>.json": "an image id that more than one shard holds: one per shard",
+            },
+            "duplicate_ids": duplicates,
         }
+
+
+def _copy_stem(image_id: str, unit: str, units: list[str]) -> str:
+    """``<image_id>__<shard>`` for one copy of a shared id (never a silent overwrite); the unit id
+    stands in for the shard when one shard holds the id in two units."""
+    shard = split_unit_id(unit)[0]
+    same_shard = sum(1 for u in units if split_unit_id(u)[0] == shard) > 1
+    return f"{image_id}__{unit if same_shard else shard}"
 
 
 def load_formats() -> Registry[Exporter]:
@@ -225,6 +265,13 @@ def export(output_uri: str, fmt: str, to_dir: str, options: ExportOptions | None
         raise ConfigError(f"{', '.join(unread)}: not an option of export format {fmt!r}")
     store = Store(output_uri)
     level = highest_committed_level(store)
+    target = Path(to_dir)
+    if target.exists() and not target.is_dir():
+        raise StoreError(f"--to {to_dir} is a file: export into a folder")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"--to {to_dir}: cannot create the folder: {exc.strerror or exc}") from None
     if level < 4:
         logger.warning("exporting level %d of %s: level 4 is not committed yet", level, output_uri)
     missing = set().union(*(store.committed(lvl) for lvl in range(1, level))) - set(store.committed(level))
@@ -232,8 +279,6 @@ def export(output_uri: str, fmt: str, to_dir: str, options: ExportOptions | None
         logger.warning(
             "%d shard(s) are committed below level %d only and are not exported", len(missing), level
         )
-    target = Path(to_dir)
-    target.mkdir(parents=True, exist_ok=True)
     summary_file = summary_path(target)
     # The summary marks a finished export; a previous one must not vouch for this one meanwhile.
     summary_file.unlink(missing_ok=True)

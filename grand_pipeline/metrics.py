@@ -8,11 +8,8 @@ local executor and the shard markers use.
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter, defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import MutableMapping
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -28,38 +25,12 @@ METRIC_NAMES = {
     "verify_failures": "grand_verify_failures_total",
 }
 
-#: Verification problems are free text ("has 9 sentences; it needs 4 to 6"); as metric tags they
-#: are folded into these few check names so that the series count stays fixed. First match wins.
-VERIFY_CHECKS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("generation_error", re.compile(r"^generation failed")),
-    ("empty", re.compile(r"^the answer was empty")),
-    ("cut_off", re.compile(r"cut off")),
-    ("ending", re.compile(r"does not end with")),
-    ("sentences", re.compile(r"^has \d+ sentence")),
-    ("paragraphs", re.compile(r"more than one paragraph")),
-    ("wording", re.compile(r"talks about the input|forbidden word")),
-    ("objects", re.compile(r"^mentions '|objects could not be checked")),
-)
-
-# The metrics object and level of the shard being processed in this thread. Levels record LLM
-# attempts deep inside pure loops that know neither; the runner sets this around a shard.
-_ACTIVE: ContextVar[tuple[PipelineMetrics, int] | None] = ContextVar("grand_metrics", default=None)
-
-
-def issue_check(issue: str) -> str:
-    """The check name a verification problem belongs to (``other`` when none matches)."""
-    for check, pattern in VERIFY_CHECKS:
-        if pattern.search(issue):
-            return check
-    return "other"
-
-
-def record_llm_attempt(passed: bool, issues: list[str]) -> None:
-    """Count one LLM attempt (and its failed checks) against the active level, if any."""
-    active = _ACTIVE.get()
-    if active is not None:
-        metrics, level = active
-        metrics.llm_attempt(level, passed, sorted({issue_check(i) for i in issues}))
+#: The in-memory record field through which an LLM stage hands the runner what its verify loop
+#: tried: ``{stage: [failed check names of each attempt]}`` (``[]``: that attempt passed). The
+#: check names come from the checks themselves (``levels.verify.Issue.check``), never from parsing
+#: their messages. The runner counts the field into its level after the stages and removes it; no
+#: row ever reads it.
+LLM_ATTEMPTS_FIELD = "_llm_attempts"
 
 _STAGE_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
 
@@ -88,15 +59,6 @@ class PipelineMetrics:
                 self._ray["images"].inc(failed, tags={**tags, "status": "error"})
             self._ray["stage_seconds"].observe(seconds, tags=tags)
 
-    @contextmanager
-    def active(self, level: int) -> Iterator[None]:
-        """Make :func:`record_llm_attempt` count against ``level`` in this block."""
-        token = _ACTIVE.set((self, level))
-        try:
-            yield
-        finally:
-            _ACTIVE.reset(token)
-
     def llm_attempt(self, level: int, passed: bool, failed_checks: list[str]) -> None:
         outcome = "passed" if passed else "failed"
         self.llm_attempts[(level, outcome)] += 1
@@ -106,6 +68,12 @@ class PipelineMetrics:
             self._ray["llm_attempts"].inc(1, tags={"level": str(level), "outcome": outcome})
             for check in failed_checks:
                 self._ray["verify_failures"].inc(1, tags={"level": str(level), "check": check})
+
+    def count_attempts(self, level: int, fields: MutableMapping[str, Any]) -> None:
+        """Count (and remove) the attempts an image's LLM stages left in ``LLM_ATTEMPTS_FIELD``."""
+        for attempts in fields.pop(LLM_ATTEMPTS_FIELD, {}).values():
+            for failed in attempts:
+                self.llm_attempt(level, not failed, sorted(set(failed)))
 
     def shards_planned(self, planned: dict[int, int]) -> None:
         """Shards this run has to do per level; with shards committed it makes ETA computable."""
@@ -130,9 +98,6 @@ class PipelineMetrics:
     def in_flight(self, level: int, count: int) -> None:
         if self._ray:
             self._ray["shards_in_flight"].set(count, tags={"level": str(level)})
-
-    def stage_seconds_for(self, level: int) -> dict[str, float]:
-        return {stage: round(s, 4) for (lvl, stage), s in self.stage_seconds.items() if lvl == level}
 
 
 def _ray_metrics() -> dict[str, Any]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from grand_pipeline.config import GrandConfig
+from grand_pipeline.config import ConfigError, GrandConfig
 from grand_pipeline.store import Store
 
 
@@ -142,7 +142,10 @@ def allocate(levels: list[LevelPlan], gpus: float) -> None:
 
 
 def make_plan(cfg: GrandConfig, output_uri: str, gpus: float, levels: list[int] | None = None) -> Plan:
+    if not gpus >= 0:  # also refuses NaN
+        raise ConfigError(f"--gpus {gpus}: expected a GPU budget >= 0")
     store = Store(output_uri)
+    store.require_existing()
     wanted = levels or store.levels_present()
     measured: list[LevelPlan] = []
     unmeasured: list[int] = []

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -69,9 +67,7 @@ def retry_failed(
     output_uri: str,
     level: int,
     input_uri: str | None = None,
-    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> RetrySummary:
-    emit = on_event or (lambda event: None)
     store = Store(output_uri)
     meta = store.read_run_meta() or {}
     if meta.get("config_hash") and meta["config_hash"] != cfg.content_hash():
@@ -90,7 +86,6 @@ def retry_failed(
         ids = failed_ids(store.read(level, unit, columns=["image_id", "status"]))
         if ids:
             todo[unit] = ids
-    emit({"type": "plan", "units": len(todo), "images": sum(map(len, todo.values()))})
     if not todo:
         return summary
     units = _unit_refs(store, refs, todo, source)
@@ -120,7 +115,6 @@ def retry_failed(
                 fixed = len(ids) - len(failed_ids(new_rows))
                 summary.fixed += fixed
                 summary.still_failed += len(ids) - fixed
-            emit({"type": "retried", "level": lv, "unit": unit, "images": len(ids)})
             logger.info("level %d unit %s: %d image(s) recomputed", lv, unit, len(ids))
     return summary
 

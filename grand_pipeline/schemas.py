@@ -168,12 +168,3 @@ def level_schema(level: int) -> pa.Schema:
         raise KeyError(f"no schema for level {level}; levels: {sorted(_LEVEL_FIELDS)}")
     return pa.schema(COMMON_FIELDS + _LEVEL_FIELDS[level])
 
-
-def declared_levels() -> list[int]:
-    return sorted(_LEVEL_FIELDS)
-
-
-def level_fields(level: int) -> list[pa.Field]:
-    """Only the columns that ``level`` adds to level N-1's."""
-    own = _LEVEL_FIELDS[level]
-    return own[len(_LEVEL_FIELDS[level - 1]) :] if level > 1 else own

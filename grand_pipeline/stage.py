@@ -97,10 +97,16 @@ class Stage:
     """Output key -> Arrow type of its column; ``None`` marks an in-memory hand-over only."""
     models: ClassVar[tuple[str, ...]] = ()
     """ModelHub keys this stage uses; loaded once, in ``__init__``."""
+    optional_models: ClassVar[tuple[str, ...]] = ()
+    """Those of ``models`` the stage can do without: skipped when ``cfg.models`` has none."""
 
     def __init__(self, cfg: Any, hub: Any) -> None:
         self.cfg = cfg
-        self.backends: dict[str, Backend] = {key: hub.get(key) for key in self.models}
+        self.backends: dict[str, Backend] = {
+            key: hub.get(key)
+            for key in self.models
+            if key not in self.optional_models or getattr(cfg.models, key, None) is not None
+        }
 
     def backend(self, key: str, role: type[B]) -> B:
         """The loaded backend under ``key``, checked to implement ``role``."""

@@ -7,12 +7,23 @@ engine's replacement actor succeeds on the retry.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from grand_pipeline.models.roles import LLM, ChatPrompt, Detections, Detector, Generation, register_backend
 
 
-@register_backend("detector", "die_once")
+@dataclass(frozen=True)
+class DieOnceOptions:
+    flag: str = ""
+
+
+@dataclass(frozen=True)
+class BrokenLLMOptions:
+    after_probe: bool = False
+
+
+@register_backend("detector", "die_once", options=DieOnceOptions)
 class DieOnce(Detector):
     def detect(self, images, context=None):
         flag = Path(self.spec.options["flag"])
@@ -22,7 +33,7 @@ class DieOnce(Detector):
         return [Detections.empty("die_once") for _ in images]
 
 
-@register_backend("llm", "broken_llm")
+@register_backend("llm", "broken_llm", options=BrokenLLMOptions)
 class BrokenLLM(LLM):
     """An LLM engine that fails every call; with ``options.after_probe`` it first answers the
     start-up probe, so the run starts and every unit's generations fail (a node losing its GPU)."""

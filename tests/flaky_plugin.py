@@ -7,15 +7,22 @@ Images whose (height, width) is listed in ``options.fail_shapes`` raise while th
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from grand_pipeline.models.backends.ground_plane_depth import GroundPlaneDepth
+from grand_pipeline.models.backends.ground_plane_depth import GroundPlaneDepth, GroundPlaneOptions
 from grand_pipeline.models.roles import register_backend
 
 
-@register_backend("depth", "flaky_ground_plane")
+@dataclass(frozen=True)
+class FlakyOptions(GroundPlaneOptions):
+    flag: str = ""
+    fail_shapes: list[list[int]] = field(default_factory=list)
+
+
+@register_backend("depth", "flaky_ground_plane", options=FlakyOptions)
 class FlakyGroundPlane(GroundPlaneDepth):
     def depth(self, images: list[np.ndarray]) -> list[np.ndarray]:
         shapes = {tuple(s) for s in self.spec.options.get("fail_shapes", [])}

@@ -19,12 +19,20 @@ Every ``generate`` call's prompts are kept in ``calls``, so tests can count batc
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 from grand_pipeline.models.roles import LLM, ChatPrompt, Generation, register_backend
 
 
-@register_backend("llm", "scripted")
+@dataclass(frozen=True)
+class ScriptedOptions:
+    script: dict[str, Any] = field(default_factory=dict)
+    always_fail: bool = False
+    context_length: int = 1_000_000
+
+
+@register_backend("llm", "scripted", options=ScriptedOptions)
 class ScriptedLLM(LLM):
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)

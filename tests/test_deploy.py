@@ -662,7 +662,7 @@ def test_grafana_queries_match_what_ray_really_exports() -> None:
 
     import ray
 
-    from grand_pipeline.metrics import PipelineMetrics, record_llm_attempt
+    from grand_pipeline.metrics import PipelineMetrics
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -675,8 +675,7 @@ def test_grafana_queries_match_what_ray_really_exports() -> None:
         metrics.in_flight(1, 2)
         metrics.shard_committed(1)
         metrics.shard_failed(1)
-        with metrics.active(3):
-            record_llm_attempt(False, ["has 9 sentences; it needs 4 to 6"])
+        metrics.llm_attempt(3, False, ["sentences"])
         scraped = _scrape_ray_metrics(port, set(METRIC_NAMES.values()))
     finally:
         ray.shutdown()

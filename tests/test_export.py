@@ -254,6 +254,37 @@ def test_unknown_format_and_empty_output_are_one_clear_error(run_output: Path, t
     assert unread.output.strip() == "grand: error: --methods: not an option of export format 'grand-json'"
 
 
+@pytest.mark.parametrize(("fmt", "folder"), [("grand-json", ""), ("grand-ref", "annotations")])
+def test_an_image_id_in_two_shards_is_exported_once_per_shard(tmp_path: Path, fmt: str, folder: str) -> None:
+    out, to = tmp_path / "out", tmp_path / "export"
+    commit(out, 4, "a", [make_row("sa_1", "a"), make_row("sa_2", "a")])
+    commit(out, 4, "b", [make_row("sa_1", "b", caption="A white cup, seen again.")])
+    commit(out, 4, "c", [make_row("sa_3", "c")])
+    summary = export(str(out), fmt, str(to))
+    # Before: 4 images reported, 3 files left (b's sa_1.json silently replaced a's).
+    names = sorted(p.name for p in (to / folder).glob("*.json"))
+    assert names == ["sa_1__a.json", "sa_1__b.json", "sa_2.json", "sa_3.json"]
+    assert summary["exported"] == len(names) == 4
+    assert summary["counts"]["images:duplicate_id"] == 2
+    assert summary["duplicate_ids"] == {"sa_1": ["sa_1__a.json", "sa_1__b.json"]}
+    assert json.loads((to / SUMMARY_PATH).read_text())["duplicate_ids"] == summary["duplicate_ids"]
+    docs = [json.loads((to / folder / name).read_text()) for name in names[:2]]
+    if fmt == "grand-ref":
+        docs = [doc["sa_1.jpg"] for doc in docs]
+    assert [doc["provenance"]["shard_id"] for doc in docs] == ["a", "b"]
+    assert docs[1]["dense_caption"]["caption"] == "A white cup, seen again."
+
+
+def test_to_that_is_a_file_or_cannot_be_created_is_one_line(run_output: Path, tmp_path: Path) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for to, reason in ((a_file, "is a file"), (Path("/proc/grand-export"), "cannot create")):
+        result = CliRunner().invoke(app, ["export", "-o", str(run_output), "--to", str(to)])
+        assert result.exit_code == 2, result.output
+        [line] = result.output.strip().splitlines()
+        assert "Traceback" not in result.output and str(to) in line and reason in line
+
+
 def test_only_verified_skips_and_counts_unverified_dense_captions(tmp_path: Path) -> None:
     out = tmp_path / "out"
     unverified = make_row("sa_2", "a")

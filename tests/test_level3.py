@@ -19,7 +19,7 @@ from levels.base import LEVELS
 from levels.level3.checks import caption_issues, names_match, object_issues, parse_checklist
 from levels.level3.dense_caption import DenseCaptionStage
 from levels.level3.scene_graph import SceneGraphStage
-from levels.verify import count_sentences
+from levels.verify import Issue, count_sentences
 
 H = W = 1000
 GOOD = "A white cup stands on a saucer. The saucer rests on a wooden table."
@@ -186,20 +186,24 @@ def test_checklist_parsing_and_object_issues():
     ]
     assert parse_checklist("- cup\n- sau", complete=False) == ["cup"]
     assert object_issues(["cups", "Dragon", "dragon"], ["cup", "table"]) == [
-        "mentions 'Dragon', which is not in the scene graph"
+        Issue("objects", "mentions 'Dragon', which is not in the scene graph")
     ]
 
 
 def test_caption_issues():
     assert caption_issues(GOOD) == []
     assert count_sentences("It costs 3.5 euros. Really! Is it?") == 3
-    assert caption_issues("One sentence only.") == ["has 1 sentence; it needs 2 to 4"]
-    assert caption_issues("A cup. A saucer. A table. A lamp. A wall.") == ["has 5 sentences; it needs 2 to 4"]
-    assert caption_issues("A cup sits on a table. The saucer is") == ["does not end with '.', '!' or '?'"]
+    assert caption_issues("One sentence only.") == [Issue("sentences", "has 1 sentence; it needs 2 to 4")]
+    assert caption_issues("A cup. A saucer. A table. A lamp. A wall.") == [
+        Issue("sentences", "has 5 sentences; it needs 2 to 4")
+    ]
+    assert caption_issues("A cup sits on a table. The saucer is") == [
+        Issue("ending", "does not end with '.', '!' or '?'")
+    ]
     meta = caption_issues("The scene graph shows a cup. Group 2 holds a table.")
     assert meta == [
-        "talks about the input instead of the photo ('scene graph')",
-        "talks about the input instead of the photo ('Group 2')",
+        Issue("wording", "talks about the input instead of the photo ('scene graph')"),
+        Issue("wording", "talks about the input instead of the photo ('Group 2')"),
     ]
 
 

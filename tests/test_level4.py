@@ -12,7 +12,7 @@ from grand_pipeline.schemas import LEVEL4_FIELDS, level_schema
 from grand_pipeline.stage import ImageRecord
 from levels.base import LEVELS
 from levels.level4.context import AdditionalContextStage, context_issues, simple_graph
-from levels.verify import Outcome, best_attempt, run_verified
+from levels.verify import Issue, Outcome, best_attempt, run_verified
 from tests.test_level3 import full_row, make_cfg, make_obj, make_record, stage_wiring
 
 CONTEXT = (
@@ -47,13 +47,13 @@ def test_simple_graph_reuses_the_entries_and_landmark_of_level3():
 
 def test_context_issues():
     assert context_issues(CONTEXT, 5, 7) == []
-    assert context_issues(SCENIC, 5, 7) == ["uses a forbidden word ('scene')"]
+    assert context_issues(SCENIC, 5, 7) == [Issue("wording", "uses a forbidden word ('scene')")]
     two = CONTEXT.replace("Cafes", "\n\nCafes")
-    assert context_issues(two, 5, 7) == ["is more than one paragraph"]
-    assert context_issues("Short. Very short.", 5, 7) == ["has 2 sentences; it needs 5 to 7"]
+    assert context_issues(two, 5, 7) == [Issue("paragraphs", "is more than one paragraph")]
+    assert context_issues("Short. Very short.", 5, 7) == [Issue("sentences", "has 2 sentences; it needs 5 to 7")]
     assert context_issues(CONTEXT + " These objects", 5, 7) == [
-        "does not end with '.', '!' or '?'",
-        "uses a forbidden word ('objects')",
+        Issue("ending", "does not end with '.', '!' or '?'"),
+        Issue("wording", "uses a forbidden word ('objects')"),
     ]
 
 
@@ -147,17 +147,21 @@ def test_loop_batches_only_the_failing_items_and_passes_their_problems_on():
         batches.append([int(p.messages[0]["content"]) for p in prompts])
         return [gen(answers[int(p.messages[0]["content"])][attempt - 1]) for p in prompts]
 
-    def verify(items: list[int], gens: list[Generation]) -> list[list[str]]:
-        return [{"good": [], "bad": ["b"], "worse": ["w1", "w2"]}[g.text] for g in gens]
+    bad, worse = Issue("ending", "b"), [Issue("wording", "w1"), Issue("wording", "w2")]
+
+    def verify(items: list[int], gens: list[Generation]) -> list[list[Issue]]:
+        return [{"good": [], "bad": [bad], "worse": worse}[g.text] for g in gens]
 
     out = run_verified(3, prompt, generate, verify, max_attempts=3)
     assert batches == [[0, 1, 2], [1, 2], [1, 2]]
-    assert seen[3:5] == [(1, ["b"]), (2, ["b"])]
+    assert seen[3:5] == [(1, ["b"]), (2, ["b"])]  # the prompt gets the messages
     assert [(o.text, o.verified, len(o.attempts)) for o in out] == [
         ("good", True, 1),
         ("good", True, 3),
         ("bad", False, 3),
     ]
+    assert out[2].attempts[2]["issues"] == ["w1", "w2"]  # stored as strings: the schema is unchanged
+    assert out[2].failed_checks == [["ending"], ["wording"], ["wording"]]
 
 
 def test_best_attempt_prefers_fewest_issues_then_latest_and_any_text_over_none():

@@ -22,11 +22,10 @@ import pytest
 import torch
 
 import grand_pipeline.models.backends  # noqa: F401  (registers the backends)
-from grand_pipeline.config import ModelSpec
+from grand_pipeline.config import ConfigError, ModelSpec
 from grand_pipeline.models import chat_templates, llm_common, weights
 from grand_pipeline.models.backends import llm_gguf
 from grand_pipeline.models.roles import BACKENDS, ChatPrompt, Generation
-from grand_pipeline.registry import UnknownNameError
 
 
 def chat(text: str, max_new_tokens: int = 8, prefix_key: str = "", system: str = "Be brief.") -> ChatPrompt:
@@ -448,10 +447,11 @@ def test_openai_renders_a_named_template_here_and_sends_text_to_completions() ->
 
 
 def test_openai_chat_template_option_is_checked() -> None:
-    with pytest.raises(UnknownNameError) as info:
+    with pytest.raises(ConfigError) as info:  # refused with the options, before anything loads
         openai_llm("http://127.0.0.1:9/v1", chat_template="vicuna")
     assert str(info.value) == (
-        "unknown chat template 'vicuna'; known: server, auto, chatml, llama-2, model, vicuna_v1.1"
+        "openai.options.chat_template: unknown chat template 'vicuna'; "
+        "known: server, auto, chatml, llama-2, model, vicuna_v1.1"
     )
     with pytest.raises(weights.ModelSourceError, match="needs options.tokenizer"):
         openai_llm("http://127.0.0.1:9/v1", chat_template="model")

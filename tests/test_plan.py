@@ -40,3 +40,16 @@ def test_a_budget_below_one_actor_leaves_the_level_unplanned() -> None:
     allocate(levels, gpus=1)
     assert levels[0].actors == 0
     assert Plan(gpus=1, levels=levels).images_per_s == 0.0
+
+
+def test_a_missing_output_or_a_negative_budget_is_a_user_error(tmp_path) -> None:
+    from grand_pipeline.config import ConfigError, load_config
+    from grand_pipeline.plan import make_plan
+    from grand_pipeline.store import StoreError
+
+    cfg = load_config("tiny-lite")
+    with pytest.raises(StoreError, match=f"output {tmp_path / 'nope'} does not exist"):
+        make_plan(cfg, str(tmp_path / "nope"), 1.0)
+    with pytest.raises(ConfigError, match="--gpus -1.0: expected a GPU budget >= 0"):
+        make_plan(cfg, str(tmp_path), -1.0)
+    assert make_plan(cfg, str(tmp_path), 0.0).levels == []  # an empty run: nothing to plan, no error

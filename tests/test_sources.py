@@ -186,10 +186,14 @@ def test_hostile_member_names(tmp_path, monkeypatch, items):
     assert not Path("/abs").exists() and not any(
         p.name.startswith("evil.") for p in tmp_path.rglob("*") if p != tar
     )
-    assert got["evil"].error is None and got["sa_9"].error is None and got["sa_9"].data == jpeg
-    (unsafe,) = [g for k, g in got.items() if k not in ("evil", "sa_9")]
-    assert unsafe.image_id.startswith("unsafe-") and "unsafe member name" in unsafe.error
-    assert len(got) == 3
+    # A name that climbs out or is absolute is never merged by basename: each pair is its own
+    # error row, under an id hashed from the whole name, and the message names the member.
+    assert all(k.startswith("unsafe-") for k in got) and len(got) == 3
+    assert sorted(g.error for g in got.values()) == [
+        "unsafe member name '../../evil'",
+        "unsafe member name '/abs/sa_9'",
+        "unsafe member name 'bad name!'",
+    ]
 
 
 # ---------------------------------------------------------------- broken input
@@ -264,7 +268,7 @@ def test_bad_missing_and_orphan_json(tmp_path, items):
     assert got["sa_4"].error == "missing image for sa_4" and got["sa_4"].data is None
 
 
-def test_duplicate_members_do_not_duplicate_rows(tmp_path, items):
+def test_duplicate_members_keep_the_first_and_report_the_rest(tmp_path, items):
     stem, jpeg, meta = items[0]
     blob = json.dumps(meta).encode()
     tar = _raw_tar(
@@ -272,7 +276,13 @@ def test_duplicate_members_do_not_duplicate_rows(tmp_path, items):
         [("sa_1.jpg", jpeg), ("sa_1.json", blob), ("x/sa_1.jpg", b"other"), ("x/sa_1.json", blob)],
     )
     got = list(iter_sa1b_tar(_ref(str(tar))))
-    assert [(g.image_id, g.error, g.data == jpeg) for g in got] == [("sa_1", None, True)]
+    # One row per id: the first pair is the image, each later member an error row of its own.
+    kept = "the first one is kept"
+    assert [(g.image_id, g.error, g.data == jpeg) for g in got] == [
+        ("sa_1", None, True),
+        ("sa_1__dup1", f"duplicate member 'x/sa_1.jpg': sa_1 already has an image; {kept}", False),
+        ("sa_1__dup2", f"duplicate member 'x/sa_1.json': sa_1 already has a json; {kept}", False),
+    ]
 
 
 # ---------------------------------------------------------------- decode_image

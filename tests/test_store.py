@@ -11,7 +11,15 @@ import pytest
 
 from grand_pipeline.schemas import STATUS_ERROR, STATUS_OK, level_schema
 from grand_pipeline.sources.base import ShardRef
-from grand_pipeline.store import ROW_GROUP_ROWS, NotCommitted, OldLayout, SchemaMismatch, Store, StoreError
+from grand_pipeline.store import (
+    ROW_GROUP_ROWS,
+    NotCommitted,
+    OldLayout,
+    SchemaMismatch,
+    Store,
+    StoreError,
+    check_separate,
+)
 from grand_pipeline.units import ShardIndex, unit_id
 
 
@@ -444,3 +452,46 @@ def test_iter_batches_streams_the_committed_rows_in_order(tmp_path):
         f.write(bytes(data))
     with pytest.raises(NotCommitted):
         list(store.iter_batches(1, S1))
+
+
+def test_an_output_inside_its_input_is_refused(tmp_path):
+    demo = tmp_path / "demo"
+    (demo / "input").mkdir(parents=True)
+    os.symlink(demo, tmp_path / "link")
+    for inp, out in [
+        (demo, demo / "out"),  # the mistaken `--input demo_out --output demo_out/out`
+        (demo, demo),
+        (tmp_path / "link", demo / "out"),  # through a symlink
+        (demo / "input" / "..", demo / "out" / "x"),
+        ("s3://bucket/runs", "s3://bucket/runs/out"),
+        ("s3://bucket/runs/", "s3a://bucket/runs"),
+    ]:
+        with pytest.raises(StoreError, match="is inside --input"):
+            check_separate(str(inp), str(out))
+    for inp, out in [
+        (demo / "input", demo / "out"),  # siblings: make demo's layout
+        (demo / "input", demo / "input2"),  # a shared name prefix is not containment
+        (demo / "input" / "sa_000000.tar", demo / "out"),
+        ("s3://bucket/runs", "s3://other/runs/out"),
+        ("s3://bucket/in", str(tmp_path / "bucket" / "in" / "out")),
+    ]:
+        check_separate(str(inp), str(out))
+
+
+def test_output_location_checks_name_the_path(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(StoreError, match="is a file"):
+        Store(str(a_file)).check_writable()
+    with pytest.raises(StoreError, match=f"is under the file {a_file}"):
+        Store(str(a_file / "out")).check_writable()
+    with pytest.raises(StoreError, match="/proc/grand-out is not writable"):
+        Store("/proc/grand-out").check_writable()
+    fresh = tmp_path / "new" / "out"
+    Store(str(fresh)).check_writable()
+    assert fresh.is_dir() and list(fresh.iterdir()) == []  # the probe file is gone
+    with pytest.raises(StoreError, match="does not exist"):
+        Store(str(tmp_path / "missing")).require_existing()
+    with pytest.raises(StoreError, match="is a file, not an output folder"):
+        Store(str(a_file)).require_existing()
+    Store(str(fresh)).require_existing()

@@ -22,14 +22,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from grand_pipeline.config import GrandConfig
+from grand_pipeline.config import ConfigError, GrandConfig
 from grand_pipeline.engine.executors import EXECUTORS, Outcome
 from grand_pipeline.models.weights import check_sources
 from grand_pipeline.sources import index_shard, list_shards
 from grand_pipeline.sources.base import ShardRef
-from grand_pipeline.store import Store, StoreError
+from grand_pipeline.store import Store, StoreError, check_separate
 from grand_pipeline.unit_writer import StagedUnit
-from grand_pipeline.units import ShardIndex, UnitRef
+from grand_pipeline.units import ShardIndex, UnitRef, split_unit_id
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,14 @@ class RunRequest:
     mode: Literal["resume", "overwrite"] = "resume"
     shards_glob: str | None = None
     limit: int | None = None
+
+    def __post_init__(self) -> None:
+        # A level range that runs backwards or a limit below 1 is a typo, not an empty run; and
+        # shards[:-1] would silently drop the last shard.
+        if not self.levels or any(isinstance(lv, bool) or lv < 1 for lv in self.levels):
+            raise ConfigError(f"levels {self.levels}: expected one or more levels >= 1, e.g. --levels 1-4")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit {self.limit}: expected a number of shards >= 1")
 
 
 @dataclass
@@ -180,6 +188,34 @@ def plan(
     return ready, summary
 
 
+def _require_previous_level(store: Store, shards: list[ShardRef], levels: list[int]) -> None:
+    """NothingToRun unless Level 1 is requested or some selected shard has level N-1 committed."""
+    first = min(levels)
+    if first == 1:
+        return
+    selected = {ref.shard_id for ref in shards}
+    if not any(split_unit_id(unit)[0] in selected for unit in store.committed(first - 1)):
+        raise NothingToRun(
+            f"level {first} needs level {first - 1} committed, and no selected shard has it; "
+            f"run `grand run --level {first - 1}` first"
+        )
+
+
+def _overwrite(store: Store, shards: list[ShardRef], levels: list[int], unit_images: int) -> None:
+    """``--mode overwrite``: uncommit the requested levels of the selected shards."""
+    for ref in shards:
+        for lvl in levels:
+            store.clear_shard(lvl, ref.shard_id)
+        old = store.read_index(ref.shard_id) if 1 in levels else None
+        if old is not None:
+            if old.unit_images != unit_images:
+                # A new split renames every unit: rows of later levels cut the old way would
+                # pass for the new units of the same ids. They go too.
+                for lvl in store.levels_present():
+                    store.clear_shard(lvl, ref.shard_id)
+            store.drop_index(ref.shard_id)  # a new unit size takes effect from Level 1
+
+
 def run(
     cfg: GrandConfig,
     request: RunRequest,
@@ -188,38 +224,36 @@ def run(
 ) -> RunSummary:
     emit = on_event or (lambda event: None)
     started = time.perf_counter()
+    # Everything a mistaken command can get wrong is checked before the first write: a refused
+    # run leaves the output (and so `grand status`) exactly as it was.
+    check_separate(request.input_uri, request.output_uri)
     store = Store(request.output_uri)
+    store.check_no_file_in_the_way()
     shards = list_shards(request.input_uri, request.shards_glob)
     if request.limit is not None:
         shards = shards[: request.limit]
+    _require_previous_level(store, shards, request.levels)
+    if request.mode == "resume":
+        # (Overwrite re-plans after clearing: a stored index of another unit size is dropped then.)
+        planner = UnitPlanner(store, cfg.engine.unit_images)
+        ready, summary = plan(store, shards, request.levels, planner)  # reads only
+        if not ready and not planner.todo:
+            emit({"type": "plan", "planned": dict(summary.planned), "skipped": dict(summary.skipped)})
+            summary.seconds = time.perf_counter() - started
+            return summary  # nothing runs, so nothing is recorded (not even the shard list)
+    store.check_writable()
+    # Every configured model must be cached or fetchable before any actor starts: an offline
+    # cluster fails here in seconds, naming the model, instead of in every actor's retry loop.
+    check_sources(model_specs(cfg.models))
+
+    # Committed to the plan: from here on the run writes to OUT.
     store.record_shards(None, [ref.shard_id for ref in shards])
     if request.mode == "overwrite":
-        for ref in shards:
-            for lvl in request.levels:
-                store.clear_shard(lvl, ref.shard_id)
-            old = store.read_index(ref.shard_id) if 1 in request.levels else None
-            if old is not None:
-                if old.unit_images != cfg.engine.unit_images:
-                    # A new split renames every unit: rows of later levels cut the old way would
-                    # pass for the new units of the same ids. They go too.
-                    for lvl in store.levels_present():
-                        store.clear_shard(lvl, ref.shard_id)
-                store.drop_index(ref.shard_id)  # a new unit size takes effect from Level 1
+        _overwrite(store, shards, request.levels, cfg.engine.unit_images)
+        planner = UnitPlanner(store, cfg.engine.unit_images)
+        ready, summary = plan(store, shards, request.levels, planner)
     for lvl in request.levels:
         store.clear_staging(lvl)
-
-    planner = UnitPlanner(store, cfg.engine.unit_images)
-    ready, summary = plan(store, shards, request.levels, planner)
-    first = min(request.levels)
-    if not ready and not planner.todo and summary.blocked.get(first):
-        raise NothingToRun(
-            f"level {first} needs level {first - 1} committed, and no selected shard has it; "
-            f"run `grand run --level {first - 1}` first"
-        )
-    if ready or planner.todo:
-        # Every configured model must be cached or fetchable before any actor starts: an offline
-        # cluster fails here in seconds, naming the model, instead of in every actor's retry loop.
-        check_sources(model_specs(cfg.models))
     emit({"type": "plan", "planned": dict(summary.planned), "skipped": dict(summary.skipped)})
     if not ready and not planner.todo:
         summary.seconds = time.perf_counter() - started

@@ -212,9 +212,10 @@ class LevelRunner:
         return result, stats
 
     def _run_batch(self, batch: list[ImageRecord], hook: Any, parts: list[pa.Table], writer: Any) -> None:
-        with self.metrics.active(self.level):  # LLM attempts count against this level
-            for stage in self.stages:
-                stage(batch, hook)
+        for stage in self.stages:
+            stage(batch, hook)
+        for record in batch:  # what the LLM stages tried, handed over on the record
+            self.metrics.count_attempts(self.level, record.fields)
         table = pa.Table.from_pylist([self._row(record) for record in batch], schema=self.spec.schema)
         if writer is not None:
             writer.write(table)

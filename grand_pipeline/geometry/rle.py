@@ -62,6 +62,12 @@ class InvalidRLE(ValueError):
 # ----------------------------------------------------------------------------- string codec
 
 
+#: Runs encoded per vectorised pass of :func:`strings_from_counts`. A pass holds ~150 bytes of
+#: temporaries per run, so this bounds it to ~150 MB: a 60 MP image of ragged masks has millions
+#: of runs, and one pass over all of them took over a gigabyte.
+RUNS_PER_PASS = 1 << 20
+
+
 def strings_from_counts(counts: Sequence[np.ndarray]) -> list[str]:
     """Run lengths of several masks -> their compressed COCO strings (maskApi.c rleToString).
 
@@ -69,10 +75,23 @@ def strings_from_counts(counts: Sequence[np.ndarray]) -> list[str]:
       counts: per mask a (K_i,) int run-length array (K_i >= 1).
 
     Returns:
-      one str per mask. All masks go through one vectorised pass: the per-call numpy overhead
-      would otherwise dominate for the few hundred runs of a typical object mask.
+      one str per mask. Masks go through vectorised passes of up to ``RUNS_PER_PASS`` runs (a
+      mask with more gets a pass of its own): the per-call numpy overhead would otherwise
+      dominate for the few hundred runs of a typical object mask.
     """
-    if not counts:
+    out: list[str] = []
+    start, runs = 0, 0
+    for i, c in enumerate(counts):
+        runs += int(np.size(c))
+        if runs >= RUNS_PER_PASS:
+            out += _strings_pass(counts[start : i + 1])
+            start, runs = i + 1, 0
+    return out + _strings_pass(counts[start:])
+
+
+def _strings_pass(counts: Sequence[np.ndarray]) -> list[str]:
+    """:func:`strings_from_counts` of some masks in one vectorised pass."""
+    if not len(counts):
         return []
     sizes = np.asarray([c.size for c in counts], dtype=np.int64)
     raw = np.concatenate([np.asarray(c, dtype=np.int64).reshape(-1) for c in counts])

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -48,14 +50,19 @@ _SHARED: dict[tuple[str, str], Any] = {}
 
 
 @contextmanager
-def quiet() -> Iterator[None]:
-    """Only the CLI draws progress bars; transformers' load/save bars are off meanwhile."""
+def quiet(stderr_too: bool = False) -> Iterator[None]:
+    """Only the CLI draws progress bars; transformers' load/save bars are off meanwhile.
+
+    ``stderr_too`` also swallows plain tqdm bars that ignore transformers' switch (GGUF
+    de-quantisation draws one). Logging handlers keep the stream they were created with, so
+    warnings still reach the log."""
     from transformers.utils import logging as hf_logging
 
     was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with contextlib.redirect_stderr(io.StringIO()) if stderr_too else contextlib.nullcontext():
+            yield
     finally:
         if was_on:
             hf_logging.enable_progress_bar()

@@ -1,14 +1,20 @@
-"""ModelHub: builds each configured backend once per process (once per Ray actor) and caches it."""
+"""ModelHub: builds each configured backend once per process (once per Ray actor) and caches it.
+
+``validate_models`` is the load-time half: every configured backend name must be registered for
+its role and its options must build into the backend's options dataclass, so that a typo fails
+as one line naming the dotted key before any model loads or actor starts.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import time
 from typing import Any
 
-from grand_pipeline.config import ModelsConfig, ModelSpec
-from grand_pipeline.models.roles import BACKENDS, Backend
+from grand_pipeline.config import ConfigError, GrandConfig, ModelsConfig, ModelSpec
+from grand_pipeline.models.roles import BACKENDS, Backend, build_options
 from grand_pipeline.models.weights import ModelSourceError
 
 logger = logging.getLogger(__name__)
@@ -23,6 +29,32 @@ def import_backends(plugins: list[str] | tuple[str, ...] = ()) -> None:
             importlib.import_module(module)
         except ImportError as exc:
             raise ModelSourceError(f"plugin module {module!r} cannot be imported: {exc}") from None
+
+
+def model_specs(models: ModelsConfig) -> list[tuple[str, str, ModelSpec]]:
+    """(hub key, role, spec) of every configured model: ``detectors.owlv2`` is a ``detector``,
+    any other field of ``ModelsConfig`` is its own role (so a role added there needs no list)."""
+    out = [(f"detectors.{name}", "detector", spec) for name, spec in models.detectors.items()]
+    for f in dataclasses.fields(models):
+        spec = getattr(models, f.name)
+        if f.name != "detectors" and spec is not None:
+            out.append((f.name, f.name, spec))
+    return out
+
+
+def validate_models(cfg: GrandConfig) -> None:
+    """Refuse, as a ``ConfigError`` naming the dotted key, a plugin that cannot be imported, a
+    backend name unknown for its role (listing the known ones) and options its dataclass does
+    not accept. Imports the backend modules (no weights load) and nothing else."""
+    try:
+        import_backends(cfg.plugins)
+    except ModelSourceError as exc:
+        raise ConfigError(f"plugins: {exc}") from None
+    for key, role, spec in model_specs(cfg.models):
+        if spec.backend not in BACKENDS[role]:
+            known = ", ".join(BACKENDS[role].names())
+            raise ConfigError(f"models.{key}.backend: unknown {role} backend {spec.backend!r}; known: {known}")
+        build_options(BACKENDS[role].get(spec.backend), spec.options, f"models.{key}.options")
 
 
 class ModelHub:

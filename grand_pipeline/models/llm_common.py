@@ -21,8 +21,9 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
+from grand_pipeline.config import ConfigError, check_ranges
 from grand_pipeline.models import chat_templates
 from grand_pipeline.models.roles import ChatPrompt, Generation
 
@@ -184,12 +185,26 @@ def plan_batches(
     return [ordered[lo : lo + batch_size] for lo in range(0, len(ordered), batch_size)]
 
 
-def chat_template_option(spec: Any) -> str | None:
-    """``options.chat_template`` of ``spec`` (None when unset: ``auto``)."""
-    value = options_of(spec).get("chat_template")
-    return str(value) if value else None
+@dataclass(frozen=True)
+class LLMOptions:
+    """Options every LLM backend takes; a backend with more subclasses it."""
+
+    chat_template: str | None = None
+    """Conversation template prompts are rendered with (None: ``auto``); see ``chat_templates``."""
+    context_length: int | None = None
+    """Tokens of prompt + answer the backend allows (None: the model's own)."""
+
+    #: Template names accepted besides the registry's (the openai backend adds ``server``).
+    extra_templates: ClassVar[tuple[str, ...]] = ()
+
+    def validate(self) -> None:
+        check_ranges(self, at_least_one=("context_length",))
+        name = self.chat_template
+        if name and name not in chat_templates.CHAT_TEMPLATES and name not in self.extra_templates:
+            known = ", ".join([*self.extra_templates, *chat_templates.CHAT_TEMPLATES.names()])
+            raise ConfigError(f"chat_template: unknown chat template {name!r}; known: {known}")
 
 
-def options_of(spec: Any) -> dict[str, Any]:
-    """``spec.options`` as a plain dict (absent or None -> empty)."""
-    return dict(getattr(spec, "options", None) or {})
+def chat_template_option(opts: LLMOptions) -> str | None:
+    """``chat_template`` of a backend's options (None when unset: ``auto``)."""
+    return opts.chat_template or None

@@ -1,7 +1,10 @@
 """Model roles: the interfaces level logic is written against, and their output types.
 
 Every backend implements one role, is registered under a name in ``BACKENDS[role]`` and is built
-from a ``ModelSpec`` (see ``grand_pipeline.config``). Each instance carries ``backend`` (the
+from a ``ModelSpec`` (see ``grand_pipeline.config``). Its knobs are a typed options dataclass
+(``Options``, given to ``register_backend``) built from ``spec.options`` by ``build_options``:
+the config is refused at load time for an unknown key, a wrong type or a value out of range, and
+the backend reads ``self.opts`` (defaults live in the dataclass, nowhere else). Each instance carries ``backend`` (the
 registry name) and ``model_id`` (weights identity) so that every output can say who produced it.
 A backend that stands in for a missing model sets ``heuristic = True``; the levels copy that flag
 into row provenance.
@@ -17,6 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from grand_pipeline.config import build
 from grand_pipeline.registry import Registry
 
 ROLES = (
@@ -38,17 +42,31 @@ ROLES = (
 BACKENDS: dict[str, Registry[type[Backend]]] = {role: Registry(f"{role} backend") for role in ROLES}
 
 
-def register_backend(role: str, name: str):
-    """Class decorator: register a backend class for ``role`` under ``name``."""
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a backend that takes none: any key under ``options`` is refused."""
+
+
+def register_backend(role: str, name: str, options: type | None = None):
+    """Class decorator: register a backend class for ``role`` under ``name``, with its options
+    dataclass (None keeps the class's own ``Options``, inherited or ``NoOptions``)."""
     if role not in BACKENDS:
         raise KeyError(f"unknown role {role!r}; known: {', '.join(ROLES)}")
 
     def decorator(cls: type[Backend]) -> type[Backend]:
         cls.role = role
         cls.backend = name
+        if options is not None:
+            cls.Options = options
         return BACKENDS[role].register(name)(cls)
 
     return decorator
+
+
+def build_options(cls: type[Backend], raw: dict[str, Any] | None, key: str = "") -> Any:
+    """``raw`` (a spec's ``options`` mapping) as ``cls.Options``; a ``ConfigError`` names
+    ``key.field`` for an unknown key, a wrong type or a value its ``validate()`` refuses."""
+    return build(cls.Options, dict(raw or {}), key or f"{cls.backend}.options")
 
 
 class Backend:
@@ -57,9 +75,13 @@ class Backend:
     role: ClassVar[str] = ""
     backend: ClassVar[str] = ""
     heuristic: ClassVar[bool] = False
+    Options: ClassVar[type] = NoOptions
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         self.spec = spec
+        #: ``spec.options`` as this backend's typed ``Options`` (validated again: cheap, and a
+        #: spec built in code rather than loaded from a profile gets the same checks).
+        self.opts: Any = build_options(type(self), getattr(spec, "options", None))
         #: The actor's ``ModelHub``; a backend that reuses another role's model asks it.
         self.hub = hub
         self.model_id: str = getattr(spec, "model", "") or self.backend

@@ -1,7 +1,8 @@
 """Helpers shared by the torch vision backends of the ``full`` profile (SAM, CLIP, OWLv2, ...).
 
-- ``options`` / ``runtime``: a spec's options dict and its (device, dtype); device ``auto`` picks
-  CUDA when present, half precision on a CPU falls back to float32 (see ``hf_common``).
+- ``runtime``: a spec's (device, dtype); device ``auto`` picks CUDA when present, half precision
+  on a CPU falls back to float32 (see ``hf_common``). Options are each backend's typed
+  ``self.opts`` (``roles.build_options``), not read here.
 - ``to_device``: host -> device copies from pinned memory with ``non_blocking``, so the copy of
   one micro-batch overlaps the GPU work still queued from the previous one.
 - ``check_images``: one clear error for a non-RGB input instead of a shape error deep in a model.
@@ -36,10 +37,6 @@ logger = logging.getLogger(__name__)
 
 VOCABULARY_FILE = "tag_vocabulary.txt"
 T = TypeVar("T")
-
-
-def options(spec: Any) -> dict[str, Any]:
-    return dict(getattr(spec, "options", None) or {})
 
 
 def runtime(spec: Any) -> tuple[torch.device, torch.dtype]:

@@ -72,7 +72,7 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _publish(target: Path, builder: Callable[[Path], None]) -> Path:
+def publish_dir(target: Path, builder: Callable[[Path], None]) -> Path:
     """Build ``target`` (a folder) once: into a private staging folder, then renamed into place,
     so concurrent actors never see half-written weights."""
     if target.exists():
@@ -83,7 +83,7 @@ def _publish(target: Path, builder: Callable[[Path], None]) -> Path:
         builder(staging)
         os.replace(staging, target)
     except OSError:
-        if not target.exists():
+        if not target.exists():  # another actor finished first: its folder is as good as ours
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -91,7 +91,7 @@ def _publish(target: Path, builder: Callable[[Path], None]) -> Path:
 
 
 def _build_tiny(name: str, seed: int, builder: Callable[[Path, int], None]) -> Path:
-    return _publish(cache_dir() / "tiny" / f"{name}-seed{seed}", lambda folder: builder(folder, seed))
+    return publish_dir(cache_dir() / "tiny" / f"{name}-seed{seed}", lambda folder: builder(folder, seed))
 
 
 def resolve(
@@ -284,7 +284,7 @@ def _download_remote(source: str, target: Path, name: str) -> None:
             fs.get_file(path, str(staging / leaf))
 
     try:
-        _publish(target, fetch)
+        publish_dir(target, fetch)
     except FileNotFoundError:
         raise ModelSourceError(f"{name}: {source} does not exist") from None
     except Exception as exc:  # noqa: BLE001  (fsspec backends raise their own error types)

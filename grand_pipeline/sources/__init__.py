@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 from collections.abc import Callable, Collection, Iterator
 from pathlib import PurePosixPath
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from .base import (
+    IMAGE_SUFFIXES,
     SHARD_ID_RE,
     ImageDecodeError,
     ShardRef,
@@ -48,7 +51,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")  # longest first: "x.tar.gz" -> "x"
-_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
 Reader = Callable[[ShardRef, Collection[str] | None, int], Iterator[SourceImage]]
 Indexer = Callable[[ShardRef], tuple[list[str], list[int] | None]]
@@ -88,6 +90,50 @@ def _unique(refs_or_ids: list[tuple[str, str]], input_uri: str, what: str) -> No
         seen[ident] = source
 
 
+def _link_kind(path: str) -> str | None:
+    """None when a local symlink leads to a regular file (read through it: it is the user's input,
+    and readers never write), else why it is skipped."""
+    if os.path.isfile(path):
+        return None
+    if os.path.isdir(path):
+        return "symlink(s) to a folder (folders are not read recursively)"
+    return "broken symlink(s)" if not os.path.exists(path) else "symlink(s) to a non-regular file"
+
+
+def _folder_files(
+    fs: fsspec.AbstractFileSystem, path: str, input_uri: str
+) -> tuple[list[str], dict[str, int]]:
+    """The files directly in folder ``path``, sorted, symlinks to files included; and how many
+    entries of each other kind were skipped (each kind logged as one warning line with a count).
+
+    fsspec's local ``ls`` reports a symlink as type "other" (with ``islink``), whatever it leads
+    to, so keeping only type "file" dropped symlinked tars and images without a word.
+    """
+    files: list[str] = []
+    skipped: dict[str, list[str]] = {}
+    local = isinstance(fs, LocalFileSystem)
+    for entry in sorted(fs.ls(path, detail=True), key=lambda e: e["name"]):  # ls order varies
+        name, kind = entry["name"], entry.get("type")
+        if _name(name).startswith("."):
+            continue  # hidden files (e.g. macOS "._x.tar") are never inputs
+        if kind == "file":
+            files.append(name)
+            continue
+        if entry.get("islink") and local:
+            why = _link_kind(name)
+        elif kind == "directory":
+            why = "subfolder(s) (folders are not read recursively)"
+        else:
+            why = f"special file(s) (type {kind!r})"
+        if why is None:
+            files.append(name)
+        else:
+            skipped.setdefault(why, []).append(name)
+    for why, names in skipped.items():
+        logger.warning("%s: skipped %d %s, e.g. %s", input_uri, len(names), why, _name(names[0]))
+    return files, {why: len(names) for why, names in skipped.items()}
+
+
 def _folder_shards(
     fs: fsspec.AbstractFileSystem, path: str, images: list[str], input_uri: str, folder_chunk: int
 ) -> list[ShardRef]:
@@ -125,14 +171,9 @@ def list_shards(input_uri: str, shards_glob: str | None = None, folder_chunk: in
             raise SourceError(f"input {input_uri} is a file but not a tar shard (.tar, .tar.gz, .tgz)")
         refs = [ShardRef(safe_id(stem, strict=False), fs.unstrip_protocol(path), "sa1b_tar")]
     else:
-        # Hidden files (e.g. macOS "._x.tar") are never inputs.
-        files = sorted(
-            e["name"]
-            for e in fs.ls(path, detail=True)
-            if e.get("type") == "file" and not _name(e["name"]).startswith(".")
-        )
+        files, skipped = _folder_files(fs, path, input_uri)
         tars = [(stem, f) for f in files if (stem := _tar_stem(_name(f))) is not None]
-        images = [f for f in files if PurePosixPath(f).suffix.lower() in _IMAGE_SUFFIXES]
+        images = [f for f in files if PurePosixPath(f).suffix.lower() in IMAGE_SUFFIXES]
         if tars:
             if images:
                 logger.info("%s holds tar shards; ignoring %d loose images", input_uri, len(images))
@@ -144,7 +185,8 @@ def list_shards(input_uri: str, shards_glob: str | None = None, folder_chunk: in
         else:
             raise SourceError(
                 f"no shards in {input_uri}: found no tar files ({', '.join(_TAR_SUFFIXES)}) and no images "
-                f"({', '.join(sorted(_IMAGE_SUFFIXES))})"
+                f"({', '.join(sorted(IMAGE_SUFFIXES))})"
+                + "".join(f"; skipped {n} {kind}" for kind, n in skipped.items())
             )
 
     if shards_glob:

@@ -29,6 +29,15 @@ SHARD_ID_RE = r"^[A-Za-z0-9_.-]+$"
 _ID_RE = re.compile(SHARD_ID_RE)
 _MAX_ID_LEN = 200
 _BAD_CHARS_RE = re.compile(r"[^A-Za-z0-9_.-]+")
+# PIL names the stream in some messages ("cannot identify image file <_io.BytesIO object at
+# 0x7f...>"): the address changes every run, and error text is stored in the output, so two
+# identical runs would write different Parquet bytes. Such reprs are cut from every message.
+_OBJECT_REPR_RE = re.compile(r"\s*<[^<>]*? at 0x[0-9A-Fa-f]+>")
+_MAX_REASON_CHARS = 200
+
+#: File suffixes read as images, by the folder reader and inside SA-1B tars alike (what a folder
+#: of images accepts, a hand-made tar of the same images accepts too).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
 
 class SourceError(Exception):
@@ -89,6 +98,21 @@ def fallback_id(name: str) -> str:
     return "unsafe-" + hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
+def short_repr(value: object, limit: int = 40) -> str:
+    """``repr`` cut to ``limit`` characters: hostile values (a 400-digit number, a megabyte
+    string) must not blow up an error message."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**limit:
+        return f"<integer with more than {limit} digits>"  # repr alone may refuse > 4300 digits
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception's message without object addresses, bounded in length: deterministic."""
+    text = _OBJECT_REPR_RE.sub("", str(exc)).strip() or type(exc).__name__
+    return text[:_MAX_REASON_CHARS]
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
@@ -123,14 +147,16 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         logger.warning("PIL ImageFile.LOAD_TRUNCATED_IMAGES was True; resetting it to False")
         ImageFile.LOAD_TRUNCATED_IMAGES = False
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
     try:
         # Image.open only parses the header. PIL's own bomb guard (Image.MAX_IMAGE_PIXELS)
         # may already fire here; it is mapped to ImageDecodeError below.
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"image too large: {e}") from e
+        raise ImageDecodeError(f"image too large: {error_text(e)}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageDecodeError(f"not a readable image: {e}") from e
+        raise ImageDecodeError(f"not a readable image: {error_text(e)}") from e
     with img:
         width, height = img.size
         if width <= 0 or height <= 0:
@@ -144,9 +170,9 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             # piece; np.array(rgb, dtype=...) took 10x longer (the whole decode's cost again).
             arr = np.asarray(rgb).astype(np.uint8, copy=True)
         except Image.DecompressionBombError as e:
-            raise ImageDecodeError(f"image too large: {e}") from e
+            raise ImageDecodeError(f"image too large: {error_text(e)}") from e
         except (OSError, SyntaxError, ValueError, MemoryError) as e:
-            raise ImageDecodeError(f"corrupt image data: {e}") from e
+            raise ImageDecodeError(f"corrupt image data: {error_text(e)}") from e
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ImageDecodeError(f"unexpected decoded shape {arr.shape}")
     return arr

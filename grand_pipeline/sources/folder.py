@@ -8,7 +8,7 @@ from pathlib import PurePosixPath
 
 import fsspec
 
-from .base import ShardRef, SourceImage, safe_id
+from .base import ShardRef, SourceImage, error_text, safe_id
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def iter_image_folder(
                 None,
                 None,
                 None,
-                error=f"unreadable image file {file_name}: {type(e).__name__}: {e}",
+                error=f"unreadable image file {file_name}: {type(e).__name__}: {error_text(e)}",
             )
             continue
         yield SourceImage(image_id, ref.shard_id, file_name, data, None, None, None)

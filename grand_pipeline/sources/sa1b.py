@@ -3,7 +3,8 @@
 An SA-1B shard ``sa_NNNNNN.tar`` holds ``sa_K.jpg`` + ``sa_K.json`` pairs. The tar is
 read as a forward-only stream (``r|*``) so it works on non-seekable object-store
 streams and never touches local disk: member names are only used to derive ids, never
-as paths.
+as paths. Images may also be ``.png``/``.webp``/``.bmp`` (whatever a folder of images may hold),
+so a hand-made tar of the same photos reads the same way.
 """
 
 from __future__ import annotations
@@ -23,12 +24,25 @@ from typing import Any, TypeGuard
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .base import ShardRef, SourceImage, UnsafeIdError, fallback_id, safe_id
+from .base import (
+    IMAGE_SUFFIXES,
+    ShardRef,
+    SourceImage,
+    UnsafeIdError,
+    error_text,
+    fallback_id,
+    safe_id,
+    short_repr,
+)
 
 logger = logging.getLogger(__name__)
 
-_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg"})
 _JSON_SUFFIX = ".json"
+# The width and height columns are int32: a larger JSON size would fail the whole unit's write.
+_MAX_SIDE = 2**31 - 1
+# Error rows for a duplicate member get ids "{id}__dup{n}": a second row with the kept image's id
+# would give two rows one key (retries and later levels join rows by image id).
+_DUP_TAG = "__dup"
 # SA-1B members are a few MB; a far larger one is corrupt or hostile and is not read
 # into memory (it becomes an error row instead).
 _MAX_MEMBER_BYTES = 1 << 30
@@ -78,13 +92,31 @@ def _split_member(name: str) -> tuple[str, str, str]:
     return base, p.stem, p.suffix.lower()
 
 
+def _member_key(name: str, stem: str, suffix: str) -> tuple[str, str, bool]:
+    """(image id, stem for messages, unsafe) of a member. Plain directories (``./``, ``x/``) are
+    ignored, but a name that climbs out (``../``) or is absolute is unsafe: its basename could
+    otherwise merge it into a real image's pair, so it keeps its own id and becomes an error row.
+    The id of an unsafe member hashes its whole name minus the suffix, so its jpg/json still pair."""
+    posix = name.replace("\\", "/")
+    if posix.startswith("/") or ".." in PurePosixPath(posix).parts:
+        full = posix[: len(posix) - len(suffix)] if suffix else posix
+        return fallback_id(full), full, True
+    try:
+        return safe_id(stem), stem, False
+    except UnsafeIdError:
+        return fallback_id(stem), stem, True
+
+
 def _is_pos_int(v: object) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def _parse_meta(raw: bytes) -> tuple[list[dict], int, int]:
     """Validate an SA-1B JSON; raises ValueError with a short reason."""
-    doc = json.loads(raw)
+    try:
+        doc = json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
     if not isinstance(doc, dict):
         raise ValueError("top level is not an object")
     image, anns = doc.get("image"), doc.get("annotations")
@@ -93,8 +125,10 @@ def _parse_meta(raw: bytes) -> tuple[list[dict], int, int]:
     if not isinstance(anns, list) or not all(isinstance(a, dict) for a in anns):
         raise ValueError("missing 'annotations' list")
     w, h = image.get("width"), image.get("height")
-    if not (_is_pos_int(w) and _is_pos_int(h)):
-        raise ValueError(f"image.width/height are not positive integers: {w!r} x {h!r}")
+    if not (_is_pos_int(w) and _is_pos_int(h) and w <= _MAX_SIDE and h <= _MAX_SIDE):
+        raise ValueError(
+            f"image.width/height are not positive integers below 2**31: {short_repr(w)} x {short_repr(h)}"
+        )
     return anns, w, h
 
 
@@ -104,7 +138,7 @@ def _build(key: str, shard_id: str, p: _Pending) -> SourceImage:
     item = SourceImage(key, shard_id, file_name, data, None, None, None)
     errors: list[str] = []
     if p.unsafe:
-        errors.append(f"unsafe member name {p.stem!r}")
+        errors.append(f"unsafe member name {short_repr(p.stem, 120)}")
     if p.image is None:
         errors.append(f"missing image for {p.stem}")
     elif p.image.error:
@@ -131,6 +165,21 @@ def _read_half(tf: tarfile.TarFile, member: tarfile.TarInfo, base: str) -> _Half
     return _Half(base, fh.read())  # a short read raises tarfile.ReadError (truncation)
 
 
+def _duplicate(key: str, member: str, slot: str, shard_id: str, taken: set[str]) -> SourceImage:
+    """The error item of a member whose id already has that half: the first one is kept (the
+    order of a tar is fixed, so that choice is deterministic) and this one is reported under its
+    own id, ``{key}__dup{n}``, the first n not taken by any id of the shard so far."""
+    n = 1
+    while f"{key}{_DUP_TAG}{n}" in taken:
+        n += 1
+    dup_id = f"{key}{_DUP_TAG}{n}"
+    taken.add(dup_id)
+    what = "an image" if slot == "image" else "a json"
+    error = f"duplicate member {short_repr(member, 120)}: {key} already has {what}; the first one is kept"
+    base, _, _ = _split_member(member)
+    return SourceImage(dup_id, shard_id, base, None, None, None, None, error)
+
+
 def iter_sa1b_tar(
     ref: ShardRef, only: Collection[str] | None = None, start: int = 0
 ) -> Iterator[SourceImage]:
@@ -140,7 +189,9 @@ def iter_sa1b_tar(
     read). ``start`` is the byte offset of a member header of an uncompressed tar (from
     :func:`index_sa1b_tar`): a sub-shard unit seeks there instead of reading the bytes before it.
     Broken input never raises: it becomes items with ``error`` set, and a tar that ends
-    early adds one ``{shard_id}__truncated`` item.
+    early adds one ``{shard_id}__truncated`` item. A second member for a half an id already has
+    is an error item ``{id}__dup{n}`` (the first is kept); a name that climbs out of the tar
+    (``../``, absolute) is an error item of its own, never merged with the image of its basename.
     """
     for item, _ in _scan(ref, only, start, read_data=True, info={}):
         yield item
@@ -165,7 +216,9 @@ def _scan(
     """The pairing loop shared by reading and indexing: (item, offset of its first member), -1
     where there is none to seek to. ``info["plain"]`` tells whether the tar is uncompressed."""
     pending: dict[str, _Pending] = {}  # insertion order = first-seen order
-    done: set[str] = set()
+    halves: set[tuple[str, str]] = set()  # (image id, "image"/"meta") already met
+    taken: set[str] = set()  # every id handed out so far, real or generated for a duplicate
+    dup_ids: set[str] = set()  # the generated ones: a real member with such a name is a duplicate too
     n_members = 0
     failure: str | None = None
     plain = True  # uncompressed: member offsets are file offsets
@@ -183,39 +236,43 @@ def _scan(
                         logger.debug("%s: skipping non-regular member %r", ref.shard_id, member.name)
                         continue
                     base, stem, suffix = _split_member(member.name)
-                    if (suffix not in _IMAGE_SUFFIXES and suffix != _JSON_SUFFIX) or stem.startswith("."):
+                    if (suffix not in IMAGE_SUFFIXES and suffix != _JSON_SUFFIX) or stem.startswith("."):
                         logger.debug("%s: skipping unrelated member %r", ref.shard_id, member.name)
                         continue
-                    try:
-                        key, unsafe = safe_id(stem), False
-                    except UnsafeIdError:
-                        key, unsafe = fallback_id(stem), True
+                    key, shown, unsafe = _member_key(member.name, stem, suffix)
+                    slot = "meta" if suffix == _JSON_SUFFIX else "image"
+                    # Bookkeeping covers every member, wanted or not, so a unit that reads from the
+                    # top names duplicates exactly as the index did.
+                    if (key, slot) in halves or key in dup_ids:
+                        logger.warning("%s: duplicate member %r: an error row", ref.shard_id, member.name)
+                        dup = _duplicate(key, member.name, slot, ref.shard_id, taken)
+                        dup_ids.add(dup.image_id)
+                        if only is None or dup.image_id in only:
+                            yield dup, -1  # read from the top: its id depends on what came before
+                        continue
+                    halves.add((key, slot))
+                    taken.add(key)
                     if only is not None and key not in only:
                         continue
-                    slot = "meta" if suffix == _JSON_SUFFIX else "image"
                     offset = start + member.offset if plain else -1
-                    p = pending.get(key) or _Pending(stem, unsafe=unsafe, offset=offset)
-                    if key in done or getattr(p, slot) is not None:
-                        logger.warning("%s: duplicate member %r ignored", ref.shard_id, member.name)
-                        continue
+                    p = pending.get(key) or _Pending(shown, unsafe=unsafe, offset=offset)
                     try:
                         half = _read_half(tf, member, base) if read_data else _Half(base, None)
                         setattr(p, slot, half)
                     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
                         # Keep the id visible as its own error row, then end the stream below.
-                        setattr(p, slot, _Half(base, None, f"member {base} unreadable: {e}"))
+                        setattr(p, slot, _Half(base, None, f"member {base} unreadable: {error_text(e)}"))
                         pending[key] = p
                         raise
                     pending[key] = p
                     if p.image is not None and p.meta is not None:
                         del pending[key]
-                        done.add(key)
                         yield _build(key, ref.shard_id, p), p.offset
                 end = getattr(tf, _END_ATTR, None)
                 if not isinstance(end, tarfile.EOFHeaderError):  # type: ignore[attr-defined]
                     failure = f"no end-of-archive marker ({end or 'stream ended'})"
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        failure = f"{type(e).__name__}: {e}"
+        failure = f"{type(e).__name__}: {error_text(e)}"
 
     # Half pairs: their partner never arrived (or the stream broke before it did).
     for key, p in pending.items():

@@ -3,7 +3,8 @@
 The paper's verification, which the reference code never implemented: after each round of
 captions, one batched chain-of-thought call lists the objects each caption mentions, and a caption
 naming something the scene graph lacks (or failing a local check: clean ending, 2-4 sentences, no
-meta-language) is regenerated with its problems spelled out. See :mod:`levels.verify`.
+meta-language, no repetition loop) is regenerated with its problems spelled out. See
+:mod:`levels.verify`.
 
 An image whose every answer failed to generate (no text at all) becomes an error row of this
 stage naming the generation error; one whose model answered, however badly, keeps its best answer.
@@ -20,7 +21,15 @@ from grand_pipeline.models.roles import LLM, ChatPrompt, Generation
 from grand_pipeline.schemas import LEVEL3_FIELDS
 from grand_pipeline.stage import ImageRecord, Stage
 from levels.level3.checks import caption_issues, object_issues, parse_checklist
-from levels.verify import fail_unanswered, format_issues, llm_generate, run_verified, stamp_prompts
+from levels.verify import (
+    Issue,
+    fail_unanswered,
+    format_issues,
+    llm_generate,
+    report_attempts,
+    run_verified,
+    stamp_prompts,
+)
 from prompts.base import get_prompt, join_answer
 
 logger = logging.getLogger(__name__)
@@ -84,7 +93,7 @@ class DenseCaptionStage(Stage):
                     gen.text = join_answer(opener, gen.text)
             return gens
 
-        def verify(items: list[int], gens: list[Generation]) -> list[list[str]]:
+        def verify(items: list[int], gens: list[Generation]) -> list[list[Issue]]:
             checklists = self.list_objects(llm, [g.text.strip() for g in gens])
             found = []
             for i, gen, (entries, failure) in zip(items, gens, checklists, strict=True):
@@ -105,9 +114,10 @@ class DenseCaptionStage(Stage):
             }
             used = [self.first, self.checklist] + ([self.regenerate] if outcome.regenerated else [])
             stamp_prompts(record, used)
+            report_attempts(record, self.name, outcome)
             fail_unanswered(record, self.name, outcome)
 
-    def list_objects(self, llm: LLM, captions: list[str]) -> list[tuple[list[str], str | None]]:
+    def list_objects(self, llm: LLM, captions: list[str]) -> list[tuple[list[str], Issue | None]]:
         """(checklist entries, why there is none) per caption, from one batched, greedy LLM call."""
         prompts = [self.checklist.render(caption=c) for c in captions]
         answers = llm.generate(prompts, temperature=0.0, seed=0)
@@ -116,10 +126,10 @@ class DenseCaptionStage(Stage):
         return [_checklist(answer) for answer in answers]
 
 
-def _checklist(answer: Generation) -> tuple[list[str], str | None]:
+def _checklist(answer: Generation) -> tuple[list[str], Issue | None]:
     """A failed checklist call leaves the caption unverifiable, which counts as a problem: a caption
     is only ``verified`` when its objects were actually checked. A cut-off list keeps its complete
     lines; an empty list means the caption names no object."""
     if answer.finish_reason == "error":
-        return [], f"its objects could not be checked ({answer.error or 'unknown error'})"
+        return [], Issue("objects", f"its objects could not be checked ({answer.error or 'unknown error'})")
     return parse_checklist(answer.text, complete=answer.finish_reason == "stop"), None

@@ -2,8 +2,10 @@
 
 The LLM reads a simplified scene graph: up to ``max_objects`` entries (``label/attribute``, the
 Level-3 renderer's) and the landmark. Answers go through the same generate / verify / regenerate
-loop as the dense caption; the checks here are local: 5-7 sentences in one paragraph, a clean
-ending, and none of the words that would turn background knowledge into a photo description.
+loop as the dense caption. The local checks: 5-7 sentences in one paragraph, a clean ending, none
+of the words that would turn background knowledge into a photo description, and no repetition
+loop. The content check: the paragraph must be about the photo, naming its landmark or one of its
+objects or tags, by lemma or by synonym through the text embedder (:mod:`levels.level4.relevance`).
 An image whose every answer failed to generate becomes an error row of this stage.
 """
 
@@ -15,16 +17,20 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from grand_pipeline.models.roles import LLM, ChatPrompt, Generation
+from grand_pipeline.models.roles import LLM, ChatPrompt, Generation, TextEmbedder
 from grand_pipeline.schemas import LEVEL4_FIELDS
 from grand_pipeline.stage import ImageRecord, Stage
 from levels.level3.scene_graph import landmark_line, object_entry, select_objects
+from levels.level4.relevance import relevance_issues, scene_terms
+from levels.text import repetition_issues
 from levels.verify import (
+    Issue,
     compile_patterns,
     ending_issues,
     fail_unanswered,
     format_issues,
     llm_generate,
+    report_attempts,
     run_verified,
     sentence_issues,
     stamp_prompts,
@@ -40,6 +46,15 @@ ADDITIONAL_CONTEXT: pa.DataType = next(f.type for f in LEVEL4_FIELDS if f.name =
 FORBIDDEN = compile_patterns((r"\bobjects?\b", r"\bscenes?\b", r"\bas an ai\b"))
 _BLANK_LINE = re.compile(r"\n\s*\n")
 
+#: The provenance entry of rows whose relevance check had no text embedder to ask.
+LEMMA_ONLY = {
+    "role": "text_embedder",
+    "backend": "none",
+    "model_id": "relevance checked by lemma only: no text_embedder configured",
+    "heuristic": True,
+    "weights": "",
+}
+
 
 def simple_graph(fields: dict[str, Any], max_objects: int) -> str:
     """``label/attribute, ...`` then the landmark line. Repeated entries are listed once: the
@@ -50,14 +65,15 @@ def simple_graph(fields: dict[str, Any], max_objects: int) -> str:
     return "\n".join(part for part in (entries, landmark) if part)
 
 
-def context_issues(text: str, min_sentences: int, max_sentences: int) -> list[str]:
+def context_issues(text: str, min_sentences: int, max_sentences: int) -> list[Issue]:
     """Problems of an additional-context paragraph that need no model."""
-    issues = ["is more than one paragraph"] if _BLANK_LINE.search(text.strip()) else []
+    paragraphs = _BLANK_LINE.search(text.strip())
     return (
-        issues
+        ([Issue("paragraphs", "is more than one paragraph")] if paragraphs else [])
         + ending_issues(text)
         + sentence_issues(text, min_sentences, max_sentences)
         + wording_issues(text, FORBIDDEN, "uses a forbidden word")
+        + repetition_issues(text)
     )
 
 
@@ -69,9 +85,12 @@ class AdditionalContextStage(Stage):
         "objects": "level-3 objects (labels, attributes)",
         "floating_objects": "level-3 floating objects",
         "landmark": "level-2 landmark category",
+        "tags": "level-1 image tags (relevance)",
     }
     provides: ClassVar[dict[str, pa.DataType | None]] = {"additional_context": ADDITIONAL_CONTEXT}
-    models: ClassVar[tuple[str, ...]] = ("llm",)
+    models: ClassVar[tuple[str, ...]] = ("llm", "text_embedder")
+    # Synonyms only widen the relevance check: without an embedder it is lemma-only (and says so).
+    optional_models: ClassVar[tuple[str, ...]] = ("text_embedder",)
 
     def __init__(self, cfg: Any, hub: Any) -> None:
         super().__init__(cfg, hub)
@@ -81,6 +100,7 @@ class AdditionalContextStage(Stage):
     def process(self, records: list[ImageRecord]) -> None:
         cfg = self.cfg.level4
         llm = self.backend("llm", LLM)
+        embedder = self.backend("text_embedder", TextEmbedder) if "text_embedder" in self.backends else None
         todo: list[tuple[ImageRecord, str]] = []
         for record in records:
             graph = simple_graph(record.fields, cfg.max_objects)
@@ -99,8 +119,14 @@ class AdditionalContextStage(Stage):
                 max_new_tokens=cfg.max_new_tokens, scene_graph=graph, issues=format_issues(issues)
             )
 
-        def verify(items: list[int], gens: list[Generation]) -> list[list[str]]:
-            return [context_issues(g.text.strip(), cfg.min_sentences, cfg.max_sentences) for g in gens]
+        def verify(items: list[int], gens: list[Generation]) -> list[list[Issue]]:
+            texts = [g.text.strip() for g in gens]
+            terms = [scene_terms(todo[i][0].fields) for i in items]
+            relevance = relevance_issues(texts, terms, embedder, cfg.relevance_similarity)
+            return [
+                context_issues(text, cfg.min_sentences, cfg.max_sentences) + more
+                for text, more in zip(texts, relevance, strict=True)
+            ]
 
         outcomes = run_verified(
             len(todo), prompt, llm_generate(llm, cfg.temperature, cfg.first_temperature), verify, cfg.max_attempts
@@ -112,4 +138,9 @@ class AdditionalContextStage(Stage):
                 "attempts": outcome.attempts,
             }
             stamp_prompts(record, [self.first] + ([self.regenerate] if outcome.regenerated else []))
+            report_attempts(record, self.name, outcome)
+            if embedder is None and outcome.attempts:
+                lemma_only = {"stage": self.name, **LEMMA_ONLY}
+                if lemma_only not in record.backends:  # once, even when a failed batch is rerun
+                    record.backends.append(lemma_only)
             fail_unanswered(record, self.name, outcome)

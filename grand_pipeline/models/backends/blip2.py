@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from grand_pipeline.config import check_ranges
 from grand_pipeline.models import hf_common
 from grand_pipeline.models.roles import Captioner, register_backend
 
@@ -123,19 +124,27 @@ def model_name(loaded: Blip2Model, spec: Any) -> str:
     return f"blip2-random({source})" if source.startswith("tiny:") else str(getattr(spec, "model", "") or source)
 
 
-@register_backend("captioner", "blip2")
+@dataclass(frozen=True)
+class Blip2Options:
+    prompt: str = ""
+    """"": unconditional; e.g. "a photo of" for OPT."""
+    max_new_tokens: int = 30
+
+    def validate(self) -> None:
+        check_ranges(self, at_least_one=("max_new_tokens",))
+
+
+@register_backend("captioner", "blip2", options=Blip2Options)
 class Blip2Captioner(Captioner):
     """One BLIP-2 caption per image; the images of a micro-batch go through ``generate`` together.
 
-    Options (``spec.options``): ``prompt`` ("": unconditional; e.g. "a photo of" for OPT),
-    ``max_new_tokens`` (30). ``spec.batch_size`` images per forward pass.
+    Options: :class:`Blip2Options`. ``spec.batch_size`` images per forward pass.
     """
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
-        opts = dict(getattr(spec, "options", None) or {})
-        self.prompt = str(opts.get("prompt", ""))
-        self.max_new_tokens = int(opts.get("max_new_tokens", 30))
+        self.prompt = self.opts.prompt
+        self.max_new_tokens = self.opts.max_new_tokens
         self.batch_size = max(1, int(getattr(spec, "batch_size", 8)))
         self.blip2 = load_blip2(spec, "blip2")
         self.weights_id = self.blip2.weights_id

@@ -13,10 +13,12 @@ folder: with the captioner configured on the same weights, the actor holds BLIP-
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from grand_pipeline.config import check_ranges
 from grand_pipeline.models.backends.blip2 import load_blip2, model_name
 from grand_pipeline.models.roles import RegionCaptioner, register_backend
 from grand_pipeline.models.vision_common import CROP_FILL, crop_window, region_crops
@@ -39,21 +41,29 @@ def crop_region(image: np.ndarray, box: np.ndarray, mask: np.ndarray | None, pad
     return crop
 
 
-@register_backend("region_captioner", "blip2_region")
+@dataclass(frozen=True)
+class Blip2RegionOptions:
+    prompt: str = ""
+    max_new_tokens: int = 12
+    pad: float = 0.1
+    """Crop padding, a fraction of the box side."""
+
+    def validate(self) -> None:
+        check_ranges(self, unit=("pad",), at_least_one=("max_new_tokens",))
+
+
+@register_backend("region_captioner", "blip2_region", options=Blip2RegionOptions)
 class Blip2RegionCaptioner(RegionCaptioner):
-    """One short phrase per box. Options: ``prompt`` (""), ``max_new_tokens`` (12), ``pad`` (0.1).
+    """One short phrase per box. Options: :class:`Blip2RegionOptions`.
 
     ``spec.batch_size`` crops per forward pass.
     """
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
-        opts = dict(getattr(spec, "options", None) or {})
-        self.prompt = str(opts.get("prompt", ""))
-        self.max_new_tokens = int(opts.get("max_new_tokens", 12))
-        self.pad = float(opts.get("pad", 0.1))
-        if not 0.0 <= self.pad <= 1.0:
-            raise ValueError(f"blip2_region: pad must be within [0, 1], got {self.pad}")
+        self.prompt = self.opts.prompt
+        self.max_new_tokens = self.opts.max_new_tokens
+        self.pad = self.opts.pad
         self.batch_size = max(1, int(getattr(spec, "batch_size", 16)))
         self.blip2 = load_blip2(spec, "blip2_region")
         self.weights_id = self.blip2.weights_id

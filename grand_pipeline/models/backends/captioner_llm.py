@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from grand_pipeline.config import check_ranges
 from grand_pipeline.models.roles import LLM, Captioner, StartupProblem, register_backend
 from prompts.base import PromptTemplate, get_prompt
 
@@ -46,7 +48,22 @@ def listing(items: list[str], limit: int) -> str:
     return ", ".join(unique) if unique else "none"
 
 
-@register_backend("captioner", "llm_from_tags")
+@dataclass(frozen=True)
+class LLMFromTagsOptions:
+    llm: str = "llm"
+    """Hub key of the LLM that writes the captions."""
+    max_new_tokens: int | None = None
+    """None: the prompt's own budget."""
+    temperature: float = 0.0
+    seed: int = 0
+    max_items: int = 20
+    """Tags and object labels listed in the prompt, at most."""
+
+    def validate(self) -> None:
+        check_ranges(self, at_least_one=("max_new_tokens", "max_items"), non_negative=("temperature",))
+
+
+@register_backend("captioner", "llm_from_tags", options=LLMFromTagsOptions)
 class LLMFromTagsCaptioner(Captioner):
     """One caption per image from ``context[i]["tags"]`` and ``context[i]["objects"]``.
 
@@ -61,16 +78,16 @@ class LLMFromTagsCaptioner(Captioner):
         super().__init__(spec, hub)
         if hub is None:
             raise ValueError("llm_from_tags needs the ModelHub to reach the LLM it shares")
-        opts = dict(getattr(spec, "options", None) or {})
-        llm = hub.get(str(opts.get("llm", "llm")))
+        opts: LLMFromTagsOptions = self.opts
+        llm = hub.get(opts.llm)
         if not isinstance(llm, LLM):
-            raise TypeError(f"llm_from_tags: hub key {opts.get('llm', 'llm')!r} is not an LLM backend")
+            raise TypeError(f"llm_from_tags: hub key {opts.llm!r} is not an LLM backend")
         self.llm: LLM = llm
         self.prompt: PromptTemplate = get_prompt(PROMPT)
-        self.max_new_tokens = int(opts.get("max_new_tokens", self.prompt.max_new_tokens))
-        self.temperature = float(opts.get("temperature", 0.0))
-        self.seed = int(opts.get("seed", 0))
-        self.max_items = int(opts.get("max_items", 20))
+        self.max_new_tokens = opts.max_new_tokens or self.prompt.max_new_tokens
+        self.temperature = opts.temperature
+        self.seed = opts.seed
+        self.max_items = opts.max_items
         self.model_id = f"llm_from_tags({llm.model_id})"
         self.weights_id = getattr(llm, "weights_id", "")
 

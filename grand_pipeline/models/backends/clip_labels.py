@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from grand_pipeline.config import check_ranges
 from grand_pipeline.models import hf_common
 from grand_pipeline.models.backends.clip_tagger import load_clip as load_clip_folder
 from grand_pipeline.models.roles import LabelAssigner, register_backend
@@ -148,19 +150,28 @@ def load_clip(spec: Any, name: str) -> tuple[ClipScorer, str, str]:
     return scorer, resolved.sha256, f"clip-random({resolved.source})" if tiny else str(spec.model)
 
 
-@register_backend("label_assigner", "clip_labels")
+@dataclass(frozen=True)
+class ClipLabelsOptions:
+    template: str = TEMPLATE
+    pad: float = 0.1
+    """Crop padding, a fraction of the box side."""
+
+    def validate(self) -> None:
+        check_ranges(self, non_negative=("pad",))
+
+
+@register_backend("label_assigner", "clip_labels", options=ClipLabelsOptions)
 class ClipLabelAssigner(LabelAssigner):
     """argmax over a box's candidates of cos(crop, "a photo of a <label>.").
 
-    Options: ``template`` ("a photo of a {}."), ``pad`` (0.1 of the box side around each crop).
+    Options: :class:`ClipLabelsOptions`.
     Without an image (``image=None``), candidates are scored against the context text instead.
     """
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
-        opts = dict(getattr(spec, "options", None) or {})
-        self.template = str(opts.get("template", TEMPLATE))
-        self.pad = float(opts.get("pad", 0.1))
+        self.template = self.opts.template
+        self.pad = self.opts.pad
         self.clip, self.weights_id, self.model_id = load_clip(spec, "clip_labels")
 
     def assign(

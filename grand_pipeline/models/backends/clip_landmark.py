@@ -12,6 +12,7 @@ assigner and this classifier on the same weights load CLIP once. An image given 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,14 +27,19 @@ logger = logging.getLogger(__name__)
 TEMPLATE = "a photo of a {fine}, {category}."
 
 
-@register_backend("landmark_classifier", "clip_landmark")
+@dataclass(frozen=True)
+class ClipLandmarkOptions:
+    template: str = TEMPLATE
+    """Formatted with ``fine`` and ``category``."""
+
+
+@register_backend("landmark_classifier", "clip_landmark", options=ClipLandmarkOptions)
 class ClipLandmarkClassifier(LandmarkClassifier):
-    """(category, fine_category, softmax score) per image. Option: ``template`` (see TEMPLATE)."""
+    """(category, fine_category, softmax score) per image. Options: :class:`ClipLandmarkOptions`."""
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
-        opts = dict(getattr(spec, "options", None) or {})
-        template = str(opts.get("template", TEMPLATE))
+        template = self.opts.template
         self.clip, self.weights_id, self.model_id = load_clip(spec, "clip_landmark")
         self.classes = fine_categories()
         prompts = [template.format(fine=fine.lower(), category=cat.lower()) for cat, fine in self.classes]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,6 @@ from grand_pipeline.models.vision_common import (
     batch_to_device,
     check_images,
     family_tiny_builder,
-    options,
     runtime,
     tag_vocabulary,
     word_tokenizer,
@@ -84,19 +84,29 @@ def load_clip(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return load_pretrained(AutoModel, AutoProcessor, path, dtype)
 
 
-@register_backend("tagger", "clip_tagger")
+@dataclass(frozen=True)
+class ClipTaggerOptions:
+    """No ``top_k`` / ``threshold``: ``tag`` returns every name, best first, and
+    ``level1.tag_top_k`` / ``level1.tag_threshold`` make the one cut."""
+
+    family: str = "clip"
+    """clip | siglip: the architecture of ``tiny:`` builds."""
+    prompt: str = "a photo of a {}."
+    vocabulary: str | None = None
+    """A text file, one name a line; None: the packaged LVIS + Objects365 list."""
+
+
+@register_backend("tagger", "clip_tagger", options=ClipTaggerOptions)
 class ClipTagger(Tagger):
     """Zero-shot tags and crop labels over the vocabulary.
 
-    Options: ``family`` clip | siglip (tiny builds only), ``prompt`` "a photo of a {}.",
-    ``vocabulary`` (a text file, one name a line; default the packaged LVIS + Objects365 list),
-    ``top_k`` 10 and ``threshold`` (0.01 for CLIP's softmax, 0.1 for SigLIP's sigmoid) for ``tag``.
+    Options: :class:`ClipTaggerOptions`.
     """
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
-        opts = options(spec)
-        family = str(opts.get("family", "clip"))
+        opts: ClipTaggerOptions = self.opts
+        family = opts.family
         resolved = load_folder(spec, f"clip_tagger-{family}", tiny_builder(family))
         self.device, self.dtype = runtime(spec)
         # Kind "clip", as clip_labels says: the tagger and the label assigner share one CLIP.
@@ -105,11 +115,9 @@ class ClipTagger(Tagger):
         )
         self.sigmoid = self.model.config.model_type in SIGMOID_TYPES
         self.batch_size = max(1, int(getattr(spec, "batch_size", 8)))
-        self.top_k = int(opts.get("top_k", 10))
-        self.threshold = float(opts.get("threshold", 0.1 if self.sigmoid else 0.01))
-        self.prompt = str(opts.get("prompt", "a photo of a {}."))
-        if "vocabulary" in opts:
-            lines = Path(opts["vocabulary"]).read_text(encoding="utf-8").splitlines()
+        self.prompt = opts.prompt
+        if opts.vocabulary:
+            lines = Path(opts.vocabulary).read_text(encoding="utf-8").splitlines()
             self.names = list(dict.fromkeys(n.strip() for n in lines if n.strip() and not n.startswith("#")))
         else:
             self.names = list(tag_vocabulary())
@@ -164,8 +172,9 @@ class ClipTagger(Tagger):
         ]
 
     def tag(self, images: list[np.ndarray]) -> list[list[Tag]]:
-        """Up to ``top_k`` names per image scoring >= ``threshold``, best first."""
-        return self._top(self.probabilities(images), self.top_k, self.threshold)
+        """Every name per image with its score, best first (level 1 cuts)."""
+        probs = self.probabilities(images)
+        return self._top(probs, probs.shape[1], 0.0)
 
     def classify_crops(self, crops: list[np.ndarray], top_k: int = 1) -> list[list[Tag]]:
         """The ``top_k`` best names per crop (no threshold), best first."""

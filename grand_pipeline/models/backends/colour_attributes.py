@@ -11,6 +11,7 @@ so every phrase it writes is labelled as such in provenance.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -104,7 +105,13 @@ def _int_box(box: np.ndarray, height: int, width: int) -> tuple[int, int, int, i
     return left, top, right, bottom
 
 
-@register_backend("region_captioner", "colour_tagger")
+@dataclass(frozen=True)
+class ColourTaggerOptions:
+    tagger: str = "tagger"
+    """Hub key of the tagger whose top-1 crop class is the phrase's noun."""
+
+
+@register_backend("region_captioner", "colour_tagger", options=ColourTaggerOptions)
 class ColourTagger(RegionCaptioner):
     """Phrase "<colour> <tagger class>" per region. Options: ``tagger`` hub key (default "tagger")."""
 
@@ -114,8 +121,7 @@ class ColourTagger(RegionCaptioner):
         super().__init__(spec, hub)
         if hub is None:
             raise ValueError("colour_tagger needs the ModelHub to reach the tagger it shares")
-        options = dict(getattr(spec, "options", None) or {})
-        self.tagger = hub.get(str(options.get("tagger", "tagger")))
+        self.tagger = hub.get(self.opts.tagger)
         self.model_id = f"colour-names+{self.tagger.model_id}"
         self.weights_id = getattr(self.tagger, "weights_id", "")
 
@@ -137,7 +143,9 @@ class ColourTagger(RegionCaptioner):
         for i, box in enumerate(boxes):
             x1, y1, x2, y2 = _int_box(box, height, width)
             crop = arr[y1:y2, x1:x2]
-            crops.append(np.ascontiguousarray(crop))
+            # A view, not a copy: N box crops of a large photo held together for one batched
+            # tagger call would be N copies of up to the whole image (the tagger resizes each).
+            crops.append(crop)
             pixels = mask_pixels(arr, masks, i)
             colours.append(dominant_colour(pixels if len(pixels) else crop.reshape(-1, 3)))
         tags = self.tagger.classify_crops(crops, top_k=1)

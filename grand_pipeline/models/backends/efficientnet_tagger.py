@@ -95,7 +95,8 @@ def _weights_file(path: Path) -> Path:
 class EfficientNetTagger(Tagger):
     """ImageNet-1k classifier used as an image tagger and a crop classifier.
 
-    Options (``spec.options``): ``top_k`` 8 and ``threshold`` 0.05 for :meth:`tag`.
+    No options: :meth:`tag` returns every class, best first; ``level1.tag_top_k`` and
+    ``level1.tag_threshold`` make the one cut (a second cut here would hide the first).
     """
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
@@ -110,9 +111,6 @@ class EfficientNetTagger(Tagger):
         self.net.load_state_dict(state, strict=True)
         self.net.eval().to(self.device)
         self.names = imagenet_names()
-        options = dict(getattr(spec, "options", None) or {})
-        self.top_k = int(options.get("top_k", 8))
-        self.threshold = float(options.get("threshold", 0.05))
         self.batch_size = max(1, int(getattr(spec, "batch_size", 8)))
         if resolved.source.startswith("tiny:"):
             self.model_id = f"{ARCH}-random({resolved.source})"
@@ -154,8 +152,9 @@ class EfficientNetTagger(Tagger):
         return result
 
     def tag(self, images: list[np.ndarray]) -> list[list[Tag]]:
-        """Per image, up to ``top_k`` tags with softmax score >= ``threshold``, best first."""
-        return self._top(self.probabilities(images), self.top_k, self.threshold)
+        """Per image, every class with its softmax score, best first (level 1 cuts)."""
+        probs = self.probabilities(images)
+        return self._top(probs, probs.shape[1], 0.0)
 
     def classify_crops(self, crops: list[np.ndarray], top_k: int = 1) -> list[list[Tag]]:
         """Per crop (H, W, 3) uint8, its ``top_k`` classes with softmax scores, best first."""

@@ -15,10 +15,12 @@ cosine. It can only point at boxes that level 1 found; it never proposes a new b
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from grand_pipeline.config import check_ranges
 from grand_pipeline.models.roles import Grounder, Grounding, TextEmbedder, register_backend
 
 logger = logging.getLogger(__name__)
@@ -26,11 +28,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.5
 
 
-def shared_text_embedder(hub: Any, options: dict[str, Any], owner: str) -> TextEmbedder:
-    """The hub's text embedder (key ``options["text_embedder"]``, default "text_embedder")."""
+def shared_text_embedder(hub: Any, key: str, owner: str) -> TextEmbedder:
+    """The hub's text embedder under ``key`` (the backend's ``text_embedder`` option)."""
     if hub is None:
         raise ValueError(f"{owner} needs the ModelHub to reach the text embedder it shares")
-    key = str(options.get("text_embedder", "text_embedder"))
     embedder = hub.get(key)
     if not isinstance(embedder, TextEmbedder):
         raise TypeError(f"{owner}: hub key {key!r} is not a text embedder")
@@ -53,20 +54,31 @@ def object_texts(obj: dict[str, Any]) -> list[str]:
     return _distinct([obj.get("label"), *(obj.get("labels") or []), object_text(obj)])
 
 
-@register_backend("grounder", "embedding_match")
+@dataclass(frozen=True)
+class EmbeddingGrounderOptions:
+    threshold: float = DEFAULT_THRESHOLD
+    """Cosine similarity a phrase needs to its best object (phrase -> box, level 2); not
+    ``level3.embedding_match``, which grounds caption phrases to object ids in level 3."""
+    text_embedder: str = "text_embedder"
+    """Hub key of the shared text embedder."""
+
+    def validate(self) -> None:
+        check_ranges(self, unit=("threshold",))
+
+
+@register_backend("grounder", "embedding_match", options=EmbeddingGrounderOptions)
 class EmbeddingGrounder(Grounder):
     """Phrase -> the most similar object's box, when the cosine similarity is high enough.
 
-    Options (``spec.options``): ``threshold`` (0.5, cosine), ``text_embedder`` hub key.
+    Options: :class:`EmbeddingGrounderOptions`.
     """
 
     heuristic = True
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
-        opts = dict(getattr(spec, "options", None) or {})
-        self.embedder = shared_text_embedder(hub, opts, "embedding_match")
-        self.threshold = float(opts.get("threshold", DEFAULT_THRESHOLD))
+        self.embedder = shared_text_embedder(hub, self.opts.text_embedder, "embedding_match")
+        self.threshold = self.opts.threshold
         self.model_id = f"embedding_match({self.embedder.model_id})"
         self.weights_id = getattr(self.embedder, "weights_id", "")
 

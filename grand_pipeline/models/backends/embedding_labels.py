@@ -9,6 +9,7 @@ most similar candidate wins. A box with a single candidate keeps it without any 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,13 @@ from grand_pipeline.models.roles import LabelAssigner, register_backend
 logger = logging.getLogger(__name__)
 
 
-@register_backend("label_assigner", "embedding_context")
+@dataclass(frozen=True)
+class EmbeddingLabelsOptions:
+    text_embedder: str = "text_embedder"
+    """Hub key of the shared text embedder."""
+
+
+@register_backend("label_assigner", "embedding_context", options=EmbeddingLabelsOptions)
 class EmbeddingContextLabeller(LabelAssigner):
     """argmax over a box's candidates of cos(candidate, context). Options: ``text_embedder`` hub key."""
 
@@ -27,8 +34,7 @@ class EmbeddingContextLabeller(LabelAssigner):
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
-        opts = dict(getattr(spec, "options", None) or {})
-        self.embedder = shared_text_embedder(hub, opts, "embedding_context")
+        self.embedder = shared_text_embedder(hub, self.opts.text_embedder, "embedding_context")
         self.model_id = f"embedding_context({self.embedder.model_id})"
         self.weights_id = getattr(self.embedder, "weights_id", "")
 

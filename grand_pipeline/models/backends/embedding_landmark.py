@@ -15,10 +15,12 @@ so a CLIP-like 1/100 scale would be too flat to tell a clear case from a coin to
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from grand_pipeline.config import check_ranges
 from grand_pipeline.models.backends.embedding_grounder import shared_text_embedder
 from grand_pipeline.models.roles import LandmarkClassifier, register_backend
 from grand_pipeline.taxonomy import fine_categories
@@ -73,22 +75,30 @@ def softmax_winners(logits: np.ndarray, classes: list[tuple[str, str]]) -> list[
     return out
 
 
-@register_backend("landmark_classifier", "embedding_zero_shot")
+@dataclass(frozen=True)
+class EmbeddingLandmarkOptions:
+    temperature: float = DEFAULT_TEMPERATURE
+    """Softmax temperature over cosine similarities; > 0."""
+    text_embedder: str = "text_embedder"
+    """Hub key of the shared text embedder."""
+
+    def validate(self) -> None:
+        check_ranges(self, positive=("temperature",))
+
+
+@register_backend("landmark_classifier", "embedding_zero_shot", options=EmbeddingLandmarkOptions)
 class EmbeddingLandmarkClassifier(LandmarkClassifier):
     """Zero-shot (category, fine_category, score) per image text.
 
-    Options (``spec.options``): ``temperature`` (0.05), ``text_embedder`` hub key.
+    Options: :class:`EmbeddingLandmarkOptions`.
     """
 
     heuristic = True
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
-        opts = dict(getattr(spec, "options", None) or {})
-        self.embedder = shared_text_embedder(hub, opts, "embedding_zero_shot")
-        self.temperature = float(opts.get("temperature", DEFAULT_TEMPERATURE))
-        if self.temperature <= 0:
-            raise ValueError(f"embedding_zero_shot: temperature must be > 0, got {self.temperature}")
+        self.embedder = shared_text_embedder(hub, self.opts.text_embedder, "embedding_zero_shot")
+        self.temperature = self.opts.temperature
         self.classes = fine_categories()
         missing = [pair for pair in self.classes if pair not in DESCRIPTIONS]
         if missing:

@@ -20,11 +20,13 @@ larger = nearer (MiDaS convention). The backend is ``heuristic = True`` so outpu
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from grand_pipeline.config import ConfigError, check_ranges
 from grand_pipeline.models.roles import DepthEstimator, register_backend
 
 logger = logging.getLogger(__name__)
@@ -65,7 +67,9 @@ def contrast_cue(image: np.ndarray) -> np.ndarray:
     small_hw = (max(1, round(height * scale)), max(1, round(width * scale)))
     small = np.asarray(Image.fromarray(image).resize(small_hw[::-1], Image.Resampling.BILINEAR), np.float32)
     grey = small @ _GREY / 255.0
-    gy, gx = np.gradient(grey)
+    # np.gradient needs two samples along an axis; a 1-px row or column (a 1x300 image, or a
+    # 1x10000 one shrunk to 256x1) has no contrast along that axis, so its gradient there is 0.
+    gy, gx = (np.gradient(grey, axis=a) if grey.shape[a] > 1 else np.zeros_like(grey) for a in (0, 1))
     cue = _box_mean(np.hypot(gx, gy).astype(np.float32), max(1, small_hw[1] // 50))
     peak = float(cue.max())
     cue = cue / peak if peak > 0 else np.zeros_like(cue)
@@ -73,11 +77,26 @@ def contrast_cue(image: np.ndarray) -> np.ndarray:
     return np.clip(np.asarray(full, np.float32), 0.0, 1.0)
 
 
-@register_backend("depth", "ground_plane")
+@dataclass(frozen=True)
+class GroundPlaneOptions:
+    horizon: float = 0.4
+    """Horizon row as a fraction of the image height; below 1 (the bottom row)."""
+    far: float = 0.0
+    """Constant inverse depth above the horizon."""
+    cue_weight: float = 0.2
+    """Weight of the local-contrast cue blended into the prior."""
+
+    def validate(self) -> None:
+        check_ranges(self, unit=("horizon", "far", "cue_weight"))
+        if self.horizon >= 1.0:
+            raise ConfigError("horizon: must be below 1 (the bottom row)")
+
+
+@register_backend("depth", "ground_plane", options=GroundPlaneOptions)
 class GroundPlaneDepth(DepthEstimator):
     """Relative inverse depth from a ground-plane prior plus a weak contrast cue (a heuristic).
 
-    Options (``spec.options``): ``horizon`` 0.4, ``far`` 0.0, ``cue_weight`` 0.2. No weights; a
+    Options: :class:`GroundPlaneOptions`. No weights; a
     ``tiny:`` model source is accepted and ignored.
     """
 
@@ -85,16 +104,9 @@ class GroundPlaneDepth(DepthEstimator):
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
-        options = dict(getattr(spec, "options", None) or {})
-        self.horizon = float(options.get("horizon", 0.4))
-        self.far = float(options.get("far", 0.0))
-        self.cue_weight = float(options.get("cue_weight", 0.2))
-        for name in ("horizon", "far", "cue_weight"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"ground_plane: options.{name} must be within [0, 1], got {value}")
-        if self.horizon >= 1.0:
-            raise ValueError("ground_plane: options.horizon must be below 1 (the bottom row)")
+        self.horizon = self.opts.horizon
+        self.far = self.opts.far
+        self.cue_weight = self.opts.cue_weight
         self.model_id = "ground-plane-prior"
         # No weights: the parameters are the identity of this "model".
         self.weights_id = f"horizon={self.horizon},far={self.far},cue={self.cue_weight}"

@@ -21,12 +21,14 @@ processor's post-processing.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from grand_pipeline.config import check_ranges
 from grand_pipeline.models.hf_common import load_folder, load_pretrained, save_pretrained, shared_pretrained
 from grand_pipeline.models.roles import (
     Detections,
@@ -39,7 +41,6 @@ from grand_pipeline.models.vision_common import (
     batch_to_device,
     check_images,
     detect_in_batches,
-    options,
     runtime,
     seeded_build,
     to_device,
@@ -107,14 +108,13 @@ def load_grounding_dino(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
 class GroundingDinoModel:
     """The loaded model plus prompt building and per-query scoring, shared by both roles."""
 
-    def __init__(self, spec: Any, owner: str) -> None:
-        opts = options(spec)
+    def __init__(self, spec: Any, owner: str, box_threshold: float) -> None:
         resolved = load_folder(spec, "grounding_dino", build_tiny)
         self.device, self.dtype = runtime(spec)
         self.model, self.processor = shared_pretrained(
             "grounding_dino", resolved.path, self.device, self.dtype, load_grounding_dino
         )
-        self.box_threshold = float(opts.get("box_threshold", 0.3))
+        self.box_threshold = box_threshold
         self.max_len = int(self.model.config.max_text_len)
         self.sha256 = resolved.sha256
         tiny = resolved.source.startswith("tiny:")
@@ -170,17 +170,32 @@ class GroundingDinoModel:
         return boxes, scores
 
 
-@register_backend("detector", "grounding_dino")
+@dataclass(frozen=True)
+class GroundingDinoDetectorOptions:
+    """Boxes under ``box_threshold`` never leave the model: a candidate floor applied with the
+    model's own post-processing (before ``max_detections``), not the ensemble's pre-filter
+    ``level1.box_thresholds``, which is cut later on what comes out."""
+
+    box_threshold: float = 0.3
+    max_queries: int = 32
+    """Tags queried per image, best first."""
+    max_detections: int = 100
+
+    def validate(self) -> None:
+        check_ranges(self, unit=("box_threshold",), at_least_one=("max_queries", "max_detections"))
+
+
+@register_backend("detector", "grounding_dino", options=GroundingDinoDetectorOptions)
 class GroundingDinoDetector(Detector):
-    """Boxes for the image's tags. Options: ``box_threshold`` 0.3, ``max_queries`` 32,
-    ``max_detections`` 100; ``spec.batch_size`` images per pass."""
+    """Boxes for the image's tags. Options: :class:`GroundingDinoDetectorOptions`;
+    ``spec.batch_size`` images per pass."""
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
-        opts = options(spec)
-        self.net = GroundingDinoModel(spec, "grounding_dino detector")
-        self.max_queries = max(1, int(opts.get("max_queries", 32)))
-        self.max_detections = max(1, int(opts.get("max_detections", 100)))
+        opts: GroundingDinoDetectorOptions = self.opts
+        self.net = GroundingDinoModel(spec, "grounding_dino detector", opts.box_threshold)
+        self.max_queries = opts.max_queries
+        self.max_detections = opts.max_detections
         self.batch_size = max(1, int(getattr(spec, "batch_size", 8)))
         self.model_id, self.weights_id = self.net.model_id, self.net.sha256
 
@@ -210,14 +225,25 @@ class GroundingDinoDetector(Detector):
         return out
 
 
-@register_backend("grounder", "grounding_dino")
+@dataclass(frozen=True)
+class GroundingDinoGrounderOptions:
+    box_threshold: float = 0.3
+    """A phrase whose best box scores below this is not grounded."""
+    max_phrases: int = 8
+    """Phrases per prompt (the text encoder's length is bounded)."""
+
+    def validate(self) -> None:
+        check_ranges(self, unit=("box_threshold",), at_least_one=("max_phrases",))
+
+
+@register_backend("grounder", "grounding_dino", options=GroundingDinoGrounderOptions)
 class GroundingDinoGrounder(Grounder):
-    """Phrase -> best box. Options: ``box_threshold`` 0.3, ``max_phrases`` 8 per prompt."""
+    """Phrase -> best box. Options: :class:`GroundingDinoGrounderOptions`."""
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
-        self.net = GroundingDinoModel(spec, "grounding_dino grounder")
-        self.max_phrases = max(1, int(options(spec).get("max_phrases", 8)))
+        self.net = GroundingDinoModel(spec, "grounding_dino grounder", self.opts.box_threshold)
+        self.max_phrases = self.opts.max_phrases
         self.model_id, self.weights_id = self.net.model_id, self.net.sha256
 
     def ground(

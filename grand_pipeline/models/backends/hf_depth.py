@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 from grand_pipeline.models.hf_common import load_folder, load_pretrained, shared_pretrained
 from grand_pipeline.models.roles import DepthEstimator, register_backend
-from grand_pipeline.models.vision_common import check_images, family_tiny_builder, options, runtime, to_device
+from grand_pipeline.models.vision_common import check_images, family_tiny_builder, runtime, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -97,25 +98,32 @@ def output_convention(config: Any) -> str:
     return CONVENTIONS[model_type]
 
 
-@register_backend("depth", "hf_depth")
+@dataclass(frozen=True)
+class HFDepthOptions:
+    family: str = "dpt"
+    """dpt | depth_anything: which tiny model ``tiny:`` builds."""
+    output: Literal["inverse", "metric"] | None = None
+    """The model's output convention; None reads it from the model config."""
+
+
+@register_backend("depth", "hf_depth", options=HFDepthOptions)
 class HFDepth(DepthEstimator):
     """Relative inverse depth per image, float32 (H, W).
 
-    Options: ``family`` (dpt | depth_anything; which tiny model ``tiny:`` builds, default dpt),
-    ``output`` (inverse | metric; default from the config). ``spec.batch_size`` images per pass.
+    Options: :class:`HFDepthOptions`. ``spec.batch_size`` images per pass.
     """
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
-        opts = options(spec)
-        family = str(opts.get("family", "dpt"))
+        opts: HFDepthOptions = self.opts
+        family = opts.family
         builder = tiny_builder(family)
         resolved = load_folder(spec, f"hf_depth-{family}", builder)
         self.device, self.dtype = runtime(spec)
         self.model, self.processor = shared_pretrained(
             "depth", resolved.path, self.device, self.dtype, load_depth_model
         )
-        self.output = str(opts.get("output") or output_convention(self.model.config))
+        self.output = opts.output or output_convention(self.model.config)
         if self.output not in ("inverse", "metric"):
             raise ValueError(f"hf_depth: options.output must be inverse or metric, not {self.output!r}")
         self.batch_size = max(1, int(getattr(spec, "batch_size", 8)))

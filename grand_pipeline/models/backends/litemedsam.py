@@ -22,13 +22,15 @@ import logging
 import math
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from grand_pipeline.config import ConfigError
 from grand_pipeline.geometry import boxed
 from grand_pipeline.geometry.boxed import BoxedMasks
 from grand_pipeline.models import weights
@@ -79,12 +81,23 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-@register_backend("segmenter", "litemedsam")
+@dataclass(frozen=True)
+class LiteMedSAMOptions:
+    normalize: Literal["imagenet", "minmax"] = "imagenet"
+    """Input normalisation: ImageNet mean/std, or MedSAM's per-image min-max."""
+    threshold: float = 0.5
+    """Cut on the mask probability; strictly inside (0, 1), as it becomes a logit."""
+
+    def validate(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"threshold: must be within (0, 1), got {self.threshold!r}")
+
+
+@register_backend("segmenter", "litemedsam", options=LiteMedSAMOptions)
 class LiteMedSAM(Segmenter):
     """Box prompts -> masks; one image-encoder pass per image, boxes decoded in batches.
 
-    Options (``spec.options``): ``normalize`` "imagenet" | "minmax", ``threshold`` 0.5 (on the
-    mask probability). ``spec.batch_size`` boxes go through the decoder at a time.
+    Options: :class:`LiteMedSAMOptions`. ``spec.batch_size`` boxes go through the decoder at a time.
     """
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
@@ -93,15 +106,8 @@ class LiteMedSAM(Segmenter):
             spec.model, name="litemedsam", package_default=_package_weights, tiny_builder=build_tiny
         )
         self.weights_id = resolved.sha256
-        options = dict(getattr(spec, "options", None) or {})
-        self.normalize = str(options.get("normalize", "imagenet"))
-        if self.normalize not in ("imagenet", "minmax"):
-            raise ValueError(
-                f"litemedsam: options.normalize must be imagenet or minmax, not {self.normalize!r}"
-            )
-        threshold = float(options.get("threshold", 0.5))
-        if not 0.0 < threshold < 1.0:
-            raise ValueError("litemedsam: options.threshold must be within (0, 1)")
+        self.normalize = self.opts.normalize
+        threshold = self.opts.threshold
         self.logit_threshold = math.log(threshold / (1.0 - threshold))
         self.batch_size = max(1, int(getattr(spec, "batch_size", 16)))
         self.device = torch.device(getattr(spec, "device", "cpu") or "cpu")
@@ -144,10 +150,15 @@ class LiteMedSAM(Segmenter):
         b[:, 3] = np.maximum(b[:, 3], b[:, 1] + 1)
         return b
 
-    def _chunks(
+    def _masks(
         self, image: np.ndarray, boxes: np.ndarray
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(first box index, logits (c, H, W) float32, predicted IoU (c,)) per decoder batch, on the device.
+        """(box index, logits (H, W) float32, predicted IoU ()) per box, on the device.
+
+        The decoder runs ``batch_size`` boxes at a time, but each mask is upsampled to (H, W) on
+        its own: a batch of full-resolution float logits is ``batch_size`` x 4 bytes x H*W (3.8 GB
+        for 16 boxes at 60 MP), one mask is 4 x H*W, whatever N is. Bilinear upsampling works on
+        each mask independently, so the logits are bit-identical to upsampling the batch.
 
         Callers iterate it inside ``torch.inference_mode()`` (a ``with`` in a generator would stay
         entered, thread-wide, while the generator is suspended).
@@ -173,14 +184,12 @@ class LiteMedSAM(Segmenter):
                 dense_prompt_embeddings=dense,
                 multimask_output=False,
             )
-            # Upsample per chunk: (chunk, H, W) float32 is the largest tensor ever held.
-            logits = F.interpolate(
-                low_res[..., :new_h, :new_w].float(),
-                size=(height, width),
-                mode="bilinear",
-                align_corners=False,
-            )[:, 0]
-            yield lo, logits, iou[:, 0].float()
+            small = low_res[..., :new_h, :new_w].float()  # (c, 1, new_h, new_w)
+            for k in range(len(small)):
+                logits = F.interpolate(
+                    small[k : k + 1], size=(height, width), mode="bilinear", align_corners=False
+                )
+                yield lo + k, logits[0, 0], iou[k, 0].float()
 
     def segment_with_scores(
         self, image: np.ndarray, boxes: np.ndarray
@@ -201,13 +210,12 @@ class LiteMedSAM(Segmenter):
         if n == 0:
             return masks, iou_pred, stability
         with torch.inference_mode():
-            for lo, logits, iou in self._chunks(arr, boxes):
-                hi = lo + len(logits)
-                masks[lo:hi] = (logits > self.logit_threshold).cpu().numpy()
-                inter = (logits > STABILITY_OFFSET).flatten(1).sum(1).float()
-                union = (logits > -STABILITY_OFFSET).flatten(1).sum(1).float()
-                stability[lo:hi] = torch.where(union > 0, inter / union.clamp(min=1), 0.0).cpu().numpy()
-                iou_pred[lo:hi] = iou.cpu().numpy()
+            for i, logits, iou in self._masks(arr, boxes):
+                masks[i] = (logits > self.logit_threshold).cpu().numpy()
+                inter = (logits > STABILITY_OFFSET).sum().float()
+                union = (logits > -STABILITY_OFFSET).sum().float()
+                stability[i] = float(torch.where(union > 0, inter / union.clamp(min=1), 0.0))
+                iou_pred[i] = float(iou)
         return masks, iou_pred, stability
 
     def segment(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -215,13 +223,17 @@ class LiteMedSAM(Segmenter):
         return self.segment_with_scores(image, boxes)[0]
 
     def segment_boxed(self, image: np.ndarray, boxes: np.ndarray) -> BoxedMasks:
-        """``segment``'s masks kept on the device as tight-box crops (Level 1's ``ObjectMasks``)."""
+        """``segment``'s masks kept on the device as tight-box crops (Level 1's ``ObjectMasks``).
+
+        Each mask is thresholded and cropped to its tight box as soon as it is upsampled, so no
+        (N, H, W) stack exists: the peak is one mask's (H, W) logits, whatever N is.
+        """
         arr = np.asarray(image)
         height, width = arr.shape[:2]
         cleaned = self._clean_boxes(boxes, height, width)
         parts = []
         if len(cleaned):
             with torch.inference_mode():
-                chunks = self._chunks(arr, cleaned)
-                parts = [boxed.from_dense(logits > self.logit_threshold) for _, logits, _ in chunks]
+                masks = self._masks(arr, cleaned)
+                parts = [boxed.from_dense((logits > self.logit_threshold)[None]) for _, logits, _ in masks]
         return BoxedMasks.concat(parts, (height, width), self.device)

@@ -16,6 +16,7 @@ word-level tokenizer and processor, and loads them back through the same calls.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from grand_pipeline.config import check_ranges
 from grand_pipeline.models import hf_common
 from grand_pipeline.models.backends.captioner_llm import clean_caption
 from grand_pipeline.models.roles import Captioner, register_backend
@@ -64,20 +66,28 @@ def build_tiny(folder: Path, seed: int) -> None:
         processor.save_pretrained(str(folder))
 
 
-@register_backend("captioner", "llava")
+@dataclass(frozen=True)
+class LlavaOptions:
+    question: str = QUESTION
+    max_new_tokens: int = 40
+
+    def validate(self) -> None:
+        check_ranges(self, at_least_one=("max_new_tokens",))
+
+
+@register_backend("captioner", "llava", options=LlavaOptions)
 class LlavaCaptioner(Captioner):
     """One LLaVA-1.5 caption per image; ``spec.batch_size`` images per ``generate`` call.
 
-    Options (``spec.options``): ``question`` (asks for one short sentence), ``max_new_tokens`` (40).
+    Options: :class:`LlavaOptions`.
     """
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        opts = dict(getattr(spec, "options", None) or {})
-        self.prompt = TEMPLATE.format(question=str(opts.get("question", QUESTION)))
-        self.max_new_tokens = int(opts.get("max_new_tokens", 40))
+        self.prompt = TEMPLATE.format(question=self.opts.question)
+        self.max_new_tokens = self.opts.max_new_tokens
         self.batch_size = max(1, int(getattr(spec, "batch_size", 8)))
         resolved = hf_common.load_folder(spec, name="llava", tiny_builder=build_tiny)
         self.device = hf_common.device_of(spec)

@@ -28,21 +28,15 @@ reproduce the same text; a prompt's sample does depend on its batch neighbours.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
-import io
 import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from grand_pipeline.models import llm_common, weights
+from grand_pipeline.models import hf_common, llm_common, weights
 from grand_pipeline.models.roles import LLM, ChatPrompt, Generation, register_backend
 
 logger = logging.getLogger(__name__)
@@ -53,23 +47,6 @@ MODEL_ID = "SmolLM2-135M-Instruct-Q4_1"
 TINY_MODEL_ID = "llama-tiny-random"
 
 
-@contextlib.contextmanager
-def _quiet(stderr_too: bool = False) -> Iterator[None]:
-    """No transformers progress bars during loads; ``stderr_too`` also swallows the plain tqdm
-    bar of GGUF de-quantisation (it ignores transformers' switch). Logging handlers keep the
-    stream they were created with, so warnings still reach the log."""
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        with contextlib.redirect_stderr(io.StringIO()) if stderr_too else contextlib.nullcontext():
-            yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
-
-
 def _package_gguf() -> Path:
     spec = importlib.util.find_spec(PACKAGE)  # finds the folder without running its __init__
     if spec is None or spec.origin is None:
@@ -77,29 +54,12 @@ def _package_gguf() -> Path:
     return Path(spec.origin).parent / GGUF_FILE
 
 
-def _publish(target: Path, build: Callable[[Path], None]) -> Path:
-    """Build ``target`` in a sibling temp folder and rename it into place (first writer wins)."""
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(staging)
-        os.replace(staging, target)
-    except OSError:
-        if not target.exists():  # another actor finished first: its folder is as good as ours
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
 def _convert_gguf(gguf: Path, folder: Path) -> None:
     """De-quantise ``gguf`` into a float32 transformers folder with its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s to a transformers folder (once; takes ~30-60 s)", gguf.name)
-    with _quiet(stderr_too=True):
+    with hf_common.quiet(stderr_too=True):
         tokenizer = AutoTokenizer.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, local_files_only=True
         )
@@ -114,7 +74,7 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
-    with _quiet():
+    with hf_common.quiet():
         model.save_pretrained(str(folder), safe_serialization=True)
         tokenizer.save_pretrained(str(folder))
 
@@ -122,7 +82,7 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
 def converted_folder(gguf: Path, sha256: str) -> Path:
     """The cached transformers folder of ``gguf`` (sha256 = its digest), converting it if missing."""
     target = weights.cache_dir() / "converted" / f"llm-{sha256[:16]}"
-    return _publish(target, lambda folder: _convert_gguf(gguf, folder))
+    return weights.publish_dir(target, lambda folder: _convert_gguf(gguf, folder))
 
 
 def package_folder() -> Path:
@@ -158,7 +118,7 @@ def build_tiny(folder: Path, seed: int) -> None:
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
-    with _quiet():
+    with hf_common.quiet():
         model.save_pretrained(str(folder), safe_serialization=True)
         tokenizer.save_pretrained(str(folder))
 
@@ -167,7 +127,7 @@ def load_folder(path: Path, device: torch.device) -> tuple[Any, Any]:
     """The one loader of this backend: (model in eval mode, left-padding tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _quiet():  # local_files_only: a missing file must fail here, never become a download
+    with hf_common.quiet():  # local_files_only: a missing file must fail here, never become a download
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
     tokenizer.padding_side = "left"  # decoder-only batching: new tokens must follow the prompt
@@ -176,7 +136,7 @@ def load_folder(path: Path, device: torch.device) -> tuple[Any, Any]:
     return model.eval().to(device), tokenizer
 
 
-@register_backend("llm", "gguf_transformers")
+@register_backend("llm", "gguf_transformers", options=llm_common.LLMOptions)
 class GGUFTransformersLLM(LLM):
     """Batched chat generation with a small causal LM on CPU (or ``spec.device``)."""
 
@@ -191,15 +151,14 @@ class GGUFTransformersLLM(LLM):
         self.weights_id = resolved.sha256
         self.device = torch.device(getattr(spec, "device", "cpu") or "cpu")
         self.model, self.tokenizer = load_folder(folder, self.device)
-        options = llm_common.options_of(spec)
         self.context_length = int(self.model.config.max_position_embeddings)
-        if options.get("context_length"):
-            self.context_length = min(self.context_length, int(options["context_length"]))
+        if self.opts.context_length:
+            self.context_length = min(self.context_length, self.opts.context_length)
         self.batch_size = max(1, int(getattr(spec, "batch_size", 8) or 8))
         if resolved.source.startswith("tiny:"):
             # A tiny folder cached before tiny tokenizers lost their template still has SmolLM2's.
             self.tokenizer.chat_template = None
-        self.format = llm_common.PromptFormat.build(self.tokenizer, llm_common.chat_template_option(spec))
+        self.format = llm_common.PromptFormat.build(self.tokenizer, llm_common.chat_template_option(self.opts))
         self.chat_template = self.format.name
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}

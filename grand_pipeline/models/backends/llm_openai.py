@@ -42,9 +42,11 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from grand_pipeline.config import check_ranges
 from grand_pipeline.models import chat_templates, llm_common
 from grand_pipeline.models.roles import LLM, ChatPrompt, Generation, register_backend
 from grand_pipeline.models.weights import ModelSourceError
@@ -76,31 +78,54 @@ def _map_finish_reason(reason: Any) -> str:
     return "error"
 
 
-@register_backend("llm", "openai")
+@dataclass(frozen=True)
+class OpenAIOptions(llm_common.LLMOptions):
+    """``chat_template`` None (or ``server``) leaves the template to the server."""
+
+    extra_templates: ClassVar[tuple[str, ...]] = (SERVER,)
+
+    base_url: str = DEFAULT_BASE_URL
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the key (never the key itself in a config)."""
+    concurrency: int = 16
+    timeout_s: float = 120.0
+    max_retries: int = 3
+    backoff_s: float = 0.5
+    context_length: int | None = 4096
+    tokenizer: str | None = None
+    """A local tokenizer folder: exact token counts (and the ``model`` chat template)."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_ranges(self, at_least_one=("concurrency",), non_negative=("max_retries", "backoff_s"),
+                     positive=("timeout_s",))
+
+
+@register_backend("llm", "openai", options=OpenAIOptions)
 class OpenAICompatibleLLM(LLM):
     """Chat completions over HTTP, ``concurrency`` requests at a time."""
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
-        options = llm_common.options_of(spec)
+        opts: OpenAIOptions = self.opts
         if not getattr(spec, "model", ""):
             raise ModelSourceError("openai: set models.llm.model to the served model name")
-        self.base_url = str(options.get("base_url", DEFAULT_BASE_URL)).rstrip("/")
-        self.api_key = os.environ.get(str(options.get("api_key_env", "OPENAI_API_KEY")), "")
-        self.concurrency = max(1, int(options.get("concurrency", 16)))
-        self.timeout_s = float(options.get("timeout_s", 120.0))
-        self.max_retries = max(0, int(options.get("max_retries", 3)))
-        self.backoff_s = float(options.get("backoff_s", 0.5))
-        self.context_length = int(options.get("context_length", 4096))
+        self.base_url = opts.base_url.rstrip("/")
+        self.api_key = os.environ.get(opts.api_key_env, "")
+        self.concurrency = opts.concurrency
+        self.timeout_s = opts.timeout_s
+        self.max_retries = opts.max_retries
+        self.backoff_s = opts.backoff_s
+        self.context_length = opts.context_length or 4096
         self.tokenizer = None
-        if options.get("tokenizer"):
+        if opts.tokenizer:
             from transformers import AutoTokenizer
 
-            path = Path(str(options["tokenizer"])).expanduser()
+            path = Path(opts.tokenizer).expanduser()
             if not path.is_dir():
                 raise ModelSourceError(f"openai: options.tokenizer {path} is not a local tokenizer folder")
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        option = str(options.get("chat_template") or SERVER)
+        option = opts.chat_template or SERVER
         self.format = self._prompt_format(option)
         #: Rendered text goes to /completions; messages to /chat/completions (server templates).
         self.render_here = option != SERVER

@@ -24,8 +24,10 @@ not on what else runs in the batch.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
+from grand_pipeline.config import check_ranges
 from grand_pipeline.models import llm_common, weights
 from grand_pipeline.models.roles import LLM, ChatPrompt, Generation, register_backend
 from grand_pipeline.models.weights import ModelSourceError
@@ -35,7 +37,24 @@ logger = logging.getLogger(__name__)
 MISSING = "vllm backend needs the vllm package (pip install vllm) on a GPU node"
 
 
-@register_backend("llm", "vllm")
+@dataclass(frozen=True)
+class VLLMOptions(llm_common.LLMOptions):
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    max_model_len: int | None = None
+    """The engine's context (None: the model's); ``context_length`` is unused here."""
+    load_format: str | None = None
+    json_schema: dict[str, Any] | None = None
+    """Constrain answers to this JSON schema (structured outputs)."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_ranges(self, unit=("gpu_memory_utilization",),
+                     at_least_one=("tensor_parallel_size", "max_model_len"))
+
+
+@register_backend("llm", "vllm", options=VLLMOptions)
 class VLLMEngineLLM(LLM):
     """All runnable prompts go to the engine in one call; it schedules and batches them itself."""
 
@@ -48,7 +67,7 @@ class VLLMEngineLLM(LLM):
             raise ModelSourceError(MISSING) from None
         if not getattr(spec, "model", ""):
             raise ModelSourceError("vllm: set models.llm.model to a Hugging Face id or a local folder")
-        options = llm_common.options_of(spec)
+        opts: VLLMOptions = self.opts
         dtype = getattr(spec, "dtype", "") or "auto"
         model, revision = str(spec.model), getattr(spec, "revision", "") or None
         resolved = None
@@ -62,22 +81,22 @@ class VLLMEngineLLM(LLM):
             "revision": revision,
             "dtype": "auto" if dtype == "float32" else dtype,
             "enable_prefix_caching": True,
-            "gpu_memory_utilization": float(options.get("gpu_memory_utilization", 0.9)),
-            "tensor_parallel_size": int(options.get("tensor_parallel_size", 1)),
-            "seed": int(options.get("seed", 0)),
+            "gpu_memory_utilization": opts.gpu_memory_utilization,
+            "tensor_parallel_size": opts.tensor_parallel_size,
+            "seed": opts.seed,
         }
-        if options.get("max_model_len"):
-            engine_args["max_model_len"] = int(options["max_model_len"])
-        if options.get("load_format"):
-            engine_args["load_format"] = str(options["load_format"])
+        if opts.max_model_len:
+            engine_args["max_model_len"] = opts.max_model_len
+        if opts.load_format:
+            engine_args["load_format"] = opts.load_format
         logger.info("starting vLLM engine: %s", engine_args)
         self.engine = vllm.LLM(**engine_args)
         self._sampling_params = SamplingParams
         self.tokenizer = self.engine.get_tokenizer()
-        self.format = llm_common.PromptFormat.build(self.tokenizer, llm_common.chat_template_option(spec))
+        self.format = llm_common.PromptFormat.build(self.tokenizer, llm_common.chat_template_option(opts))
         self.chat_template = self.format.name
         self.context_length = int(self.engine.llm_engine.model_config.max_model_len)
-        self.json_schema = options.get("json_schema")
+        self.json_schema = opts.json_schema
         self._structured = None
         if self.json_schema is not None:
             # vLLM removed the ``guided_*`` SamplingParams fields (GuidedDecodingParams) in 2025

@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from grand_pipeline.config import check_ranges
 from grand_pipeline.models import weights
 from grand_pipeline.models.hf_common import quiet, seeded
 from grand_pipeline.models.roles import TextEmbedder, register_backend
@@ -69,11 +71,20 @@ def _max_length(path: Path, default: int) -> int:
     return default
 
 
-@register_backend("text_embedder", "minilm")
+@dataclass(frozen=True)
+class MiniLMOptions:
+    max_length: int | None = None
+    """Tokens per text; None: the model's ``max_seq_length`` (or 256)."""
+
+    def validate(self) -> None:
+        check_ranges(self, at_least_one=("max_length",))
+
+
+@register_backend("text_embedder", "minilm", options=MiniLMOptions)
 class MiniLMEmbedder(TextEmbedder):
     """Mean-pooled, L2-normalised BERT sentence embeddings, float32 (N, D); D = 384 for MiniLM.
 
-    Options (``spec.options``): ``max_length`` (default: the model's ``max_seq_length`` or 256).
+    Options: :class:`MiniLMOptions`.
     ``spec.batch_size`` texts are encoded at a time.
     """
 
@@ -93,8 +104,7 @@ class MiniLMEmbedder(TextEmbedder):
             self.tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), local_files_only=True)
             self.model = AutoModel.from_pretrained(str(resolved.path), local_files_only=True)
         self.model.eval().to(self.device)
-        options = dict(getattr(spec, "options", None) or {})
-        self.max_length = int(options.get("max_length", _max_length(resolved.path, DEFAULT_MAX_LENGTH)))
+        self.max_length = self.opts.max_length or _max_length(resolved.path, DEFAULT_MAX_LENGTH)
         self.batch_size = max(1, int(getattr(spec, "batch_size", 8)))
         self.dim = int(self.model.config.hidden_size)
         is_tiny = resolved.source.startswith("tiny:")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from grand_pipeline.config import check_ranges
 from grand_pipeline.geometry.boxes import nms
 from grand_pipeline.models import weights
 from grand_pipeline.models.roles import Detections, Detector, register_backend
@@ -67,24 +69,54 @@ def gfl_decode(box_dist: np.ndarray, stride: int, size: int) -> np.ndarray:
     )
 
 
-@register_backend("detector", "nanodet_onnx")
+@dataclass(frozen=True)
+class NanoDetOptions:
+    """``score_threshold`` is the model's own candidate floor, applied per class before its
+    class-wise NMS and ``pre_nms_top_k``: it bounds that NMS's work and sets the lowest score any
+    NanoDet box can have. It is not the ensemble's pre-filter (``level1.score_thresholds``), which
+    is cut later and, for persons of ``level1.person.promote`` members, may go down to
+    ``level1.person.floor``; such a person still needs this floor first."""
+
+    score_threshold: float = 0.35
+    nms_iou: float = 0.5
+    """Class-wise NMS inside the model (the ensemble's class-agnostic NMS is ``level1.nms_iou``)."""
+    max_detections: int = 100
+    pre_nms_top_k: int = 1000
+    """Bounds the O(K^2) NMS when the threshold is low (e.g. 0.0 on the tiny model)."""
+    input_size: int | None = None
+    """Input side for dynamic exports (None: 416); a static graph's size wins over it."""
+    threads: int = 0
+    """onnxruntime intra-op threads; 0 is its default."""
+
+    def validate(self) -> None:
+        check_ranges(
+            self,
+            unit=("score_threshold", "nms_iou"),
+            at_least_one=("max_detections", "pre_nms_top_k", "input_size"),
+            non_negative=("threads",),
+        )
+
+
+@register_backend("detector", "nanodet_onnx", options=NanoDetOptions)
 class NanoDetONNX(Detector):
     """COCO-80 detector; one onnxruntime session per instance, loaded once.
 
-    Options (``spec.options``): ``score_threshold`` 0.35, ``nms_iou`` 0.5 (class-wise),
-    ``max_detections`` 100, ``pre_nms_top_k`` 1000, ``input_size`` 416, ``threads`` 0 (ORT default).
+    Options: :class:`NanoDetOptions`.
     """
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
         import onnxruntime as ort  # lite extra; imported here so the package imports without it
 
-        opts = dict(getattr(spec, "options", None) or {})
-        self.score_threshold = float(opts.get("score_threshold", 0.35))
-        self.nms_iou = float(opts.get("nms_iou", 0.5))
-        self.max_detections = int(opts.get("max_detections", 100))
-        # Bounds the O(K^2) NMS when the threshold is low (e.g. 0.0 on the tiny model).
-        self.pre_nms_top_k = int(opts.get("pre_nms_top_k", 1000))
+        # No usage events from our sessions. (The import itself still creates onnxruntime's device
+        # id under $XDG_CACHE_HOME or ~/.cache: see README, "Files outside the output".)
+        ort.disable_telemetry_events()
+
+        opts: NanoDetOptions = self.opts
+        self.score_threshold = opts.score_threshold
+        self.nms_iou = opts.nms_iou
+        self.max_detections = opts.max_detections
+        self.pre_nms_top_k = opts.pre_nms_top_k
 
         resolved = weights.resolve(
             getattr(spec, "model", ""),
@@ -106,7 +138,7 @@ class NanoDetONNX(Detector):
             self.model_id = model_path.stem  # a user's export; its sha256 is the real identity
 
         so = ort.SessionOptions()
-        so.intra_op_num_threads = int(opts.get("threads", 0))
+        so.intra_op_num_threads = opts.threads
         self.session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
@@ -115,8 +147,8 @@ class NanoDetONNX(Detector):
         self.batchable = not isinstance(inp.shape[0], int)
         # A static spatial size in the graph wins over the option, which only serves dynamic exports.
         static = inp.shape[2] if isinstance(inp.shape[2], int) else None
-        self.input_size = int(static or opts.get("input_size", 416))
-        if static and int(opts.get("input_size", static)) != static:
+        self.input_size = int(static or opts.input_size or 416)
+        if static and opts.input_size is not None and opts.input_size != static:
             logger.warning("nanodet_onnx: input_size option ignored; the graph is fixed at %d", static)
         self._heads = self._match_heads()
         if len(self.labels) != NUM_CLASSES:

@@ -13,18 +13,19 @@ No NMS: the level-1 per-model NMS (class-agnostic, IoU 0.9) follows every detect
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from grand_pipeline.config import check_ranges
 from grand_pipeline.models.hf_common import load_folder, load_pretrained, save_pretrained, shared_pretrained
 from grand_pipeline.models.roles import Detections, Detector, register_backend
 from grand_pipeline.models.vision_common import (
     batch_to_device,
     detect_in_batches,
-    options,
     runtime,
     seeded_build,
     word_tokenizer,
@@ -63,26 +64,41 @@ def load_owlv2(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return load_pretrained(Owlv2ForObjectDetection, Owlv2Processor, path, dtype)
 
 
-@register_backend("detector", "owlv2")
+@dataclass(frozen=True)
+class OWLv2Options:
+    """Boxes under ``score_threshold`` never leave the model: a candidate floor applied with the
+    model's own post-processing (before ``max_detections``), not the ensemble's pre-filter
+    ``level1.score_thresholds``, which is cut later on what comes out."""
+
+    score_threshold: float = 0.1
+    max_queries: int = 32
+    """Tags queried per image, best first."""
+    max_detections: int = 100
+    prompt: str = "a photo of a {}"
+
+    def validate(self) -> None:
+        check_ranges(self, unit=("score_threshold",), at_least_one=("max_queries", "max_detections"))
+
+
+@register_backend("detector", "owlv2", options=OWLv2Options)
 class OWLv2Detector(Detector):
     """Text-queried boxes; labels are the query names (without the prompt template).
 
-    Options: ``score_threshold`` 0.1, ``max_queries`` 32, ``max_detections`` 100,
-    ``prompt`` "a photo of a {}". ``spec.batch_size`` images per forward pass.
+    Options: :class:`OWLv2Options`. ``spec.batch_size`` images per forward pass.
     """
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
-        opts = options(spec)
+        opts: OWLv2Options = self.opts
         resolved = load_folder(spec, "owlv2", build_tiny)
         self.device, self.dtype = runtime(spec)
         self.model, self.processor = shared_pretrained(
             "owlv2", resolved.path, self.device, self.dtype, load_owlv2
         )
-        self.score_threshold = float(opts.get("score_threshold", 0.1))
-        self.max_queries = max(1, int(opts.get("max_queries", 32)))
-        self.max_detections = max(1, int(opts.get("max_detections", 100)))
-        self.prompt = str(opts.get("prompt", "a photo of a {}"))
+        self.score_threshold = opts.score_threshold
+        self.max_queries = opts.max_queries
+        self.max_detections = opts.max_detections
+        self.prompt = opts.prompt
         self.batch_size = max(1, int(getattr(spec, "batch_size", 8)))
         self.weights_id = resolved.sha256
         self.model_id = (

@@ -9,10 +9,12 @@ for its best class. The output is an ordinary ``Detections`` and takes part in t
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from grand_pipeline.config import check_ranges
 from grand_pipeline.models.roles import Detections, Detector, Region, register_backend
 
 logger = logging.getLogger(__name__)
@@ -34,24 +36,44 @@ def padded_crop_box(bbox: np.ndarray, pad: float, height: int, width: int) -> tu
     return left, top, right, bottom
 
 
-@register_backend("detector", "region_tagger")
+@dataclass(frozen=True)
+class RegionTaggerOptions:
+    tagger: str = "tagger"
+    """Hub key of the tagger whose crop classifier labels the regions."""
+    min_area: float = 0.01
+    """Regions below this fraction of the image are not classified (cost: one crop each). Not
+    ``level1.region_min_area``, which picks the regions that lend floating objects attributes."""
+    min_score: float = 0.1
+    """A region whose top-1 class scores below this gives no box. Left looser than (or equal
+    to) ``level1.score_thresholds.region_tagger`` in the shipped profiles, so the ensemble's
+    pre-filter is the cut that decides."""
+    max_regions: int = 64
+    """The largest regions first; bounds the crops per image."""
+    context_pad: float = 0.1
+    """Crop padding, a fraction of the box side, for the classifier's natural context."""
+
+    def validate(self) -> None:
+        check_ranges(self, unit=("min_area", "min_score"), at_least_one=("max_regions",),
+                     non_negative=("context_pad",))
+
+
+@register_backend("detector", "region_tagger", options=RegionTaggerOptions)
 class RegionTagger(Detector):
     """Labels ``context[i]["regions"]`` with the tagger's top-1 class.
 
-    Options (``spec.options``): ``tagger`` hub key ("tagger"), ``min_area`` 0.01 (fraction of the
-    image), ``min_score`` 0.1, ``max_regions`` 64 (largest first), ``context_pad`` 0.1.
+    Options: :class:`RegionTaggerOptions`.
     """
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
-        opts = dict(getattr(spec, "options", None) or {})
+        opts: RegionTaggerOptions = self.opts
         if hub is None:
             raise ValueError("region_tagger needs the ModelHub to reach the tagger it shares")
-        self.tagger = hub.get(str(opts.get("tagger", "tagger")))
-        self.min_area = float(opts.get("min_area", 0.01))
-        self.min_score = float(opts.get("min_score", 0.1))
-        self.max_regions = int(opts.get("max_regions", 64))
-        self.context_pad = float(opts.get("context_pad", 0.1))
+        self.tagger = hub.get(opts.tagger)
+        self.min_area = opts.min_area
+        self.min_score = opts.min_score
+        self.max_regions = opts.max_regions
+        self.context_pad = opts.context_pad
         self.model_id = f"region-tagger({self.tagger.model_id})"
         self.weights_id = getattr(self.tagger, "weights_id", "")
 

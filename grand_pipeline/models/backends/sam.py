@@ -30,7 +30,7 @@ from grand_pipeline.geometry import boxed
 from grand_pipeline.geometry.boxed import BoxedMasks
 from grand_pipeline.models import weights
 from grand_pipeline.models.roles import Segmenter, register_backend
-from grand_pipeline.models.vision_common import check_images, options, runtime, seeded_build, to_device
+from grand_pipeline.models.vision_common import check_images, runtime, seeded_build, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,17 @@ def load_sam(path: Path, variant: str) -> torch.nn.Module:
     return net
 
 
-@register_backend("segmenter", "sam")
+@dataclass(frozen=True)
+class SamOptions:
+    checkpoint: str | None = None
+    """The ``.pth`` file inside a weights folder that holds several."""
+    variant: str | None = None
+    """vit_h | vit_l | vit_b (None: vit_h; ``tiny`` for ``tiny:`` weights)."""
+    mask_threshold: float = 0.0
+    """Cut on the mask logits (segment-anything's own default)."""
+
+
+@register_backend("segmenter", "sam", options=SamOptions)
 class SamSegmenter(Segmenter):
     """Box prompts -> masks with exactly one image embedding per image.
 
@@ -142,12 +152,12 @@ class SamSegmenter(Segmenter):
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
-        opts = options(spec)
+        opts: SamOptions = self.opts
         resolved = weights.resolve(str(spec.model or ""), name="sam", tiny_builder=build_tiny)
-        path = resolved.path / str(opts["checkpoint"]) if "checkpoint" in opts else resolved.path
+        path = resolved.path / opts.checkpoint if opts.checkpoint else resolved.path
         is_tiny = resolved.source.startswith("tiny:")
-        self.variant = str(opts.get("variant", "tiny" if is_tiny else "vit_h"))
-        self.mask_threshold = float(opts.get("mask_threshold", 0.0))
+        self.variant = opts.variant or ("tiny" if is_tiny else "vit_h")
+        self.mask_threshold = opts.mask_threshold
         self.batch_size = max(1, int(getattr(spec, "batch_size", 8)))
         self.device, self.dtype = runtime(spec)
         # Any: the Sam submodules and their extra methods (get_dense_pe) are not typed on nn.Module.
@@ -168,10 +178,14 @@ class SamSegmenter(Segmenter):
         x = F.pad((x - mean) / std, (0, IMAGE_SIZE - new_w, 0, IMAGE_SIZE - new_h))
         return x.to(self.dtype), new_h, new_w
 
-    def _chunks(
+    def _masks(
         self, image: np.ndarray, boxes: np.ndarray
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(first box index, logits (c, H, W) float32, predicted IoU (c,)) per decoder batch, on the device.
+        """(box index, logits (H, W) float32, predicted IoU ()) per box, on the device.
+
+        The decoder runs ``batch_size`` boxes at a time; each mask goes to (H, W) on its own, so
+        full-resolution memory is one mask's logits whatever N is (a batch of them was
+        ``batch_size`` x 4 bytes x H*W). Upsampling is per mask anyway, so the values are the same.
 
         Callers iterate it inside ``torch.inference_mode()`` (a ``with`` in a generator would stay
         entered, thread-wide, while the generator is suspended).
@@ -198,8 +212,9 @@ class SamSegmenter(Segmenter):
                 low_res.float(), (IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
             )
             logits = logits[..., :new_h, :new_w]
-            logits = F.interpolate(logits, (height, width), mode="bilinear", align_corners=False)[:, 0]
-            yield lo, logits, iou[:, 0].float()
+            for k in range(len(logits)):
+                full = F.interpolate(logits[k : k + 1], (height, width), mode="bilinear", align_corners=False)
+                yield lo + k, full[0, 0], iou[k, 0].float()
 
     def segment_with_scores(
         self, image: np.ndarray, boxes: np.ndarray
@@ -215,13 +230,12 @@ class SamSegmenter(Segmenter):
         if n == 0:
             return masks, iou_pred, stability
         with torch.inference_mode():
-            for lo, logits, iou in self._chunks(image, b):
-                hi = lo + len(logits)
-                masks[lo:hi] = (logits > self.mask_threshold).cpu().numpy()
-                inter = (logits > self.mask_threshold + STABILITY_OFFSET).flatten(1).sum(1).float()
-                union = (logits > self.mask_threshold - STABILITY_OFFSET).flatten(1).sum(1).float()
-                stability[lo:hi] = (inter / union.clamp(min=1)).cpu().numpy()
-                iou_pred[lo:hi] = iou.cpu().numpy()
+            for i, logits, iou in self._masks(image, b):
+                masks[i] = (logits > self.mask_threshold).cpu().numpy()
+                inter = (logits > self.mask_threshold + STABILITY_OFFSET).sum().float()
+                union = (logits > self.mask_threshold - STABILITY_OFFSET).sum().float()
+                stability[i] = float(inter / union.clamp(min=1))
+                iou_pred[i] = float(iou)
         return masks, iou_pred, stability
 
     def segment(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -231,14 +245,14 @@ class SamSegmenter(Segmenter):
     def segment_boxed(self, image: np.ndarray, boxes: np.ndarray) -> BoxedMasks:
         """``segment``'s masks kept on the device as tight-box crops (Level 1's ``ObjectMasks``).
 
-        Upsampling and thresholding happen on the device as in ``segment``; only each mask's
-        tight box is kept there, and nothing full-resolution comes back to the host.
+        Upsampling and thresholding happen on the device as in ``segment``, one mask at a time;
+        only each mask's tight box is kept there, and nothing full-resolution comes back to the host.
         """
         (image,) = check_images([image], "sam")
         b = np.asarray(boxes, np.float32).reshape(-1, 4)
         parts = []
         if len(b):
             with torch.inference_mode():
-                chunks = self._chunks(image, b)
-                parts = [boxed.from_dense(logits > self.mask_threshold) for _, logits, _ in chunks]
+                masks = self._masks(image, b)
+                parts = [boxed.from_dense((logits > self.mask_threshold)[None]) for _, logits, _ in masks]
         return BoxedMasks.concat(parts, image.shape[:2], self.device)

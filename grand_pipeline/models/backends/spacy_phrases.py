@@ -21,8 +21,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from grand_pipeline.models.roles import Phrase, PhraseExtractor, register_backend
 from grand_pipeline.models.weights import ModelSourceError
@@ -85,7 +86,13 @@ def chunk_phrase(chunk: Any) -> Phrase | None:
     return Phrase(text=text, start=start, end=end, root=chunk.root.lemma_.lower() or chunk.root.lower_)
 
 
-@register_backend("phrase_extractor", "spacy")
+@dataclass(frozen=True)
+class SpacyOptions:
+    model: Literal["auto", "trf", "sm"] = "auto"
+    """Which installed English pipeline: auto prefers trf, then sm."""
+
+
+@register_backend("phrase_extractor", "spacy", options=SpacyOptions)
 class SpacyPhraseExtractor(PhraseExtractor):
     """Noun chunks (``phrases``) and single noun tokens (``nouns``) with character offsets.
 
@@ -95,8 +102,7 @@ class SpacyPhraseExtractor(PhraseExtractor):
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
         source = str(getattr(spec, "model", "") or "")
-        options = dict(getattr(spec, "options", None) or {})
-        self.nlp = load_pipeline(source, str(options.get("model", "auto")))
+        self.nlp = load_pipeline(source, self.opts.model)
         self.batch_size = max(1, int(getattr(spec, "batch_size", 8) or 8))
         meta = self.nlp.meta
         self.model_id = f"{meta.get('lang', 'xx')}_{meta.get('name', 'spacy')}-{meta.get('version', '')}"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from grand_pipeline.config import check_ranges
 from grand_pipeline.models import weights
 from grand_pipeline.models.hf_common import save_pretrained
 from grand_pipeline.models.roles import Detections, Detector, register_backend
 from grand_pipeline.models.vision_common import (
     detect_in_batches,
     fallback_queries,
-    options,
     runtime,
     seeded_build,
     to_device,
@@ -151,41 +152,70 @@ def load_folder_model(path: Path, trust_pickle: bool) -> tuple[Any, dict[str, An
     return model, cfg
 
 
-@register_backend("detector", "ultralytics")
+@dataclass(frozen=True)
+class UltralyticsOptions:
+    """Boxes under ``score_threshold`` never leave the model: a candidate floor applied with the
+    model's own post-processing (before ``max_detections``), not the ensemble's pre-filter
+    ``level1.score_thresholds``, which is cut later on what comes out."""
+
+    family: str = "yolo"
+    """yolo | rtdetr | yoloworld: the architecture of ``tiny:`` builds."""
+    checkpoint: str | None = None
+    """A file inside the weights folder, e.g. ``yolo11x.pt`` of a hub snapshot."""
+    trust_pickle: bool = False
+    """Load a pickled ``.pt`` (only for files you trust; says so in the log)."""
+    score_threshold: float = 0.25
+    nms_iou: float = 0.7
+    """The model's own NMS (the ensemble's class-agnostic NMS is ``level1.nms_iou``)."""
+    imgsz: int | None = None
+    """Input side; None: 640 (tiny builds: 320, RT-DETR 160)."""
+    max_detections: int = 300
+    max_queries: int = 32
+    """YOLO-World: tags used as classes per image, best first."""
+    text_model: str | None = None
+    """YOLO-World's CLIP text tower (any weights source); None: ``text_model/`` next to the weights."""
+
+    def validate(self) -> None:
+        check_ranges(
+            self,
+            unit=("score_threshold", "nms_iou"),
+            at_least_one=("imgsz", "max_detections", "max_queries"),
+        )
+
+
+@register_backend("detector", "ultralytics", options=UltralyticsOptions)
 class UltralyticsDetector(Detector):
-    """Options: ``family`` (tiny only), ``score_threshold`` 0.25, ``nms_iou`` 0.7, ``imgsz`` 640
-    (320, RT-DETR 160, for tiny), ``max_detections`` 300, ``max_queries`` 32, ``text_model``, ``trust_pickle``,
-    ``checkpoint`` (a file inside the weights folder, e.g. ``yolo11x.pt`` of a hub snapshot)."""
+    """Closed-set YOLO / RT-DETR or open-vocabulary YOLO-World. Options: :class:`UltralyticsOptions`."""
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
-        opts = options(spec)
-        requested = str(opts.get("family", "yolo"))
+        opts: UltralyticsOptions = self.opts
+        requested = opts.family
         resolved = weights.resolve(
             str(spec.model or ""), name=f"ultralytics-{requested}", tiny_builder=tiny_builder(requested)
         )
         is_tiny = resolved.source.startswith("tiny:")
         self.device, self.dtype = runtime(spec)
-        path = resolved.path / str(opts["checkpoint"]) if "checkpoint" in opts else resolved.path
-        model, cfg = load_folder_model(path, bool(opts.get("trust_pickle", False)))
+        path = resolved.path / opts.checkpoint if opts.checkpoint else resolved.path
+        model, cfg = load_folder_model(path, opts.trust_pickle)
         self.family = family_of(cfg)
         # Conv+BN fusion, as ultralytics' own predictor does before inference.
         self.model = model.fuse(verbose=False).to(self.device, self.dtype)
         self.names = [str(model.names[i]) for i in sorted(model.names)]
-        self.score_threshold = float(opts.get("score_threshold", 0.25))
-        self.nms_iou = float(opts.get("nms_iou", 0.7))
+        self.score_threshold = opts.score_threshold
+        self.nms_iou = opts.nms_iou
         # RT-DETR's decoder is heavy on a CPU even at tiny width, hence its smaller tiny input.
         tiny_size = 160 if self.family == "rtdetr" else 320
-        self.imgsz = int(opts.get("imgsz", tiny_size if is_tiny else 640))
-        self.max_detections = int(opts.get("max_detections", 300))
-        self.max_queries = max(1, int(opts.get("max_queries", 32)))
+        self.imgsz = opts.imgsz or (tiny_size if is_tiny else 640)
+        self.max_detections = opts.max_detections
+        self.max_queries = opts.max_queries
         self.batch_size = max(1, int(getattr(spec, "batch_size", 8)))
         self._text: Any = None
         self._emb: dict[str, torch.Tensor] = {}
         if self.family == "yoloworld":
             args = cfg["head"][-1][3]  # WorldDetect args: [nc, embed dim, with_bn]
             embed = int(args[1]) if len(args) > 1 else 512
-            self._text = self._load_text_model(str(opts.get("text_model") or resolved.path / TEXT_DIR), embed)
+            self._text = self._load_text_model(str(opts.text_model or resolved.path / TEXT_DIR), embed)
         self.weights_id = resolved.sha256
         self.model_id = f"{self.family}-random({resolved.source})" if is_tiny else str(spec.model)
 
