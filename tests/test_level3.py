@@ -205,6 +205,8 @@ def test_caption_issues():
         Issue("wording", "talks about the input instead of the photo ('scene graph')"),
         Issue("wording", "talks about the input instead of the photo ('Group 2')"),
     ]
+    echo = caption_issues("The previous answer had these problems. A cup sits on a table.")
+    assert Issue("wording", "talks about the input instead of the photo ('previous answer')") in echo
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -55,6 +55,9 @@ def test_context_issues():
         Issue("ending", "does not end with '.', '!' or '?'"),
         Issue("wording", "uses a forbidden word ('objects')"),
     ]
+    # Small models echo the regeneration prompt back (the lite demo's astronaut did).
+    echo = "The previous answer had these problems: is more than one paragraph. " + CONTEXT
+    assert Issue("wording", "uses a forbidden word ('previous answer')") in context_issues(echo, 5, 8)
 
 
 def test_answer_using_a_forbidden_word_is_regenerated():

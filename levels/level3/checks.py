@@ -30,6 +30,8 @@ META_PATTERNS = compile_patterns(
         r"\bdepth layers?",
         r"\bin[- ]context",
         r"\bas an ai\b",
+        r"\bprevious answer\b",  # the regeneration prompt echoed back
+        r"\bhad these problems\b",
         r"\b(?:the|this) summary\b",
     )
 )

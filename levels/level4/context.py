@@ -29,7 +29,11 @@ from prompts.base import get_prompt
 ADDITIONAL_CONTEXT: pa.DataType = next(f.type for f in LEVEL4_FIELDS if f.name == "additional_context")
 
 #: Words the paper's prompt forbids ("scene" also covers "scene graph").
-FORBIDDEN = compile_patterns((r"\bobjects?\b", r"\bscenes?\b", r"\bas an ai\b"))
+#: Meta-language, and the regeneration prompt echoed back ("The previous answer had these
+#: problems: ..."), which small models do.
+FORBIDDEN = compile_patterns(
+    (r"\bobjects?\b", r"\bscenes?\b", r"\bas an ai\b", r"\bprevious answer\b", r"\bhad these problems\b")
+)
 _BLANK_LINE = re.compile(r"\n\s*\n")
 
 #: The provenance entry of rows whose relevance check had no text embedder to ask.

@@ -174,7 +174,7 @@ class GroundingDinoModel:
 class GroundingDinoDetectorOptions:
     """Boxes under ``box_threshold`` never leave the model: a candidate floor applied with the
     model's own post-processing (before ``max_detections``), not the ensemble's pre-filter
-    ``level1.box_thresholds``, which is cut later on what comes out."""
+    ``level1.score_thresholds``, which is cut later on what comes out."""
 
     box_threshold: float = 0.3
     max_queries: int = 32
