@@ -91,6 +91,19 @@ def test_the_cluster_refuses_requests_without_the_token(cluster) -> None:
     assert "auth" in str(err.value).lower() or "401" in str(err.value) or "403" in str(err.value)
 
 
+def _submit(client, entrypoint: str, runtime_env: dict) -> str:
+    """Submit, waiting out "No available agent to submit job": the head's job agent registers a
+    while after the dashboard answers, later still on a loaded machine."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(3)
+
+
 def test_grand_run_as_a_ray_job_commits_its_shard(cluster, tmp_path, tiny_cfg) -> None:
     from ray.job_submission import JobStatus
 
@@ -103,7 +116,7 @@ def test_grand_run_as_a_ray_job_commits_its_shard(cluster, tmp_path, tiny_cfg) -
     runtime_env["env_vars"]["GRAND_CACHE_DIR"] = os.environ["GRAND_CACHE_DIR"]
     entrypoint = (f"grand run --input {tmp_path / 'in'} --output {out} --profile tiny-lite "
                   "--executor ray --set engine.ray_address=auto")
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    job_id = _submit(client, entrypoint, runtime_env)
 
     deadline = time.monotonic() + 600
     status = client.get_job_status(job_id)
