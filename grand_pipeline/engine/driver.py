@@ -18,12 +18,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from grand_pipeline.config import ConfigError, GrandConfig
 from grand_pipeline.engine.executors import EXECUTORS, Outcome
+from grand_pipeline.models.hub import model_specs
 from grand_pipeline.models.weights import check_sources
 from grand_pipeline.sources import index_shard, list_shards
 from grand_pipeline.sources.base import ShardRef
@@ -86,17 +87,6 @@ def code_version() -> str:
         return version("grand")
     except PackageNotFoundError:
         return "unknown"
-
-
-def model_specs(models: Any) -> list[tuple[str, Any]]:
-    """(hub key, ModelSpec) of every configured model: ``tagger``, ``detectors.owlv2``, ..."""
-    out = [(f"detectors.{name}", spec) for name, spec in models.detectors.items()]
-    # The roles are ModelsConfig's fields, so a role added there is checked without a list here.
-    for f in fields(models):
-        spec = getattr(models, f.name)
-        if f.name != "detectors" and spec is not None:
-            out.append((f.name, spec))
-    return out
 
 
 class UnitPlanner:
@@ -244,7 +234,7 @@ def run(
     store.check_writable()
     # Every configured model must be cached or fetchable before any actor starts: an offline
     # cluster fails here in seconds, naming the model, instead of in every actor's retry loop.
-    check_sources(model_specs(cfg.models))
+    check_sources([(key, spec) for key, _, spec in model_specs(cfg.models)])
 
     # Committed to the plan: from here on the run writes to OUT.
     store.record_shards(None, [ref.shard_id for ref in shards])
