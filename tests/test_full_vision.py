@@ -109,9 +109,8 @@ def test_open_vocabulary_labels_follow_the_image_tags(backend: str, photo: np.nd
 
 
 def test_grounding_dino_loads_once_for_both_roles(photo: np.ndarray) -> None:
-    from grand_pipeline.models.backends.grounding_dino import GroundingDinoDetector, GroundingDinoGrounder
-
     from grand_pipeline.config import ModelsConfig
+    from grand_pipeline.models.backends.grounding_dino import GroundingDinoDetector, GroundingDinoGrounder
     from grand_pipeline.models.hub import ModelHub
 
     spec = ModelSpec("grounding_dino", "tiny:0", options={"box_threshold": 0.0})
