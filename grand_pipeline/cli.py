@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from typing import Annotated, Any
@@ -24,12 +23,12 @@ _MATRIX_ROWS = 50
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build GranD annotations.")
 
 
-def _setup_logging(verbose: bool) -> None:
-    os.environ["GRAND_LOG_LEVEL"] = "INFO" if verbose else "WARNING"
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _setup_logging(verbose: bool) -> str:
+    """Configure this process's logging; returns the level name, which the run hands to its
+    Ray actors (they do not share this process's logging)."""
+    level = "INFO" if verbose else "WARNING"
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return level
 
 
 def parse_levels(level: int | None, levels: str | None) -> list[int]:
@@ -82,7 +81,7 @@ def run(
     from grand_pipeline.engine import driver
     from grand_pipeline.engine.runner import StartupFailed
 
-    _setup_logging(verbose)
+    log_level = _setup_logging(verbose)
     if mode not in ("resume", "overwrite"):
         raise ConfigError(f"--mode {mode!r}: expected resume or overwrite")
     if executor is not None and executor not in ("ray", "local"):
@@ -117,7 +116,7 @@ def run(
             tqdm.write(f"level {event['level']} unit {event['unit']}: {event['error']}", file=sys.stderr)
 
     try:
-        summary = driver.run(cfg, request, executor, on_event)
+        summary = driver.run(cfg, request, executor, on_event, log_level)
     except StartupFailed as exc:
         typer.echo(f"grand: error: a model failed its start-up check: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -137,11 +136,11 @@ def run(
 
 
 def _print_status(output: str) -> dict[str, Any]:
-    from grand_pipeline.dashboard import format_eta, level_extras
+    from grand_pipeline.status import format_eta, level_extras, run_status
     from grand_pipeline.store import Store
 
     store = Store(output)
-    status = store.status()
+    status = run_status(store)
     # img/s: rows over summed unit seconds (per worker); wall img/s: over the run's elapsed time.
     typer.echo(f"{'level':<6}{'units':>12}{'shards':>10}{'images ok':>11}{'failed':>8}{'img/s':>9}{'wall img/s':>12}{'ETA':>10}")
     for entry in status["levels"]:
@@ -166,11 +165,13 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Per level: units and shards committed/total, images ok/failed, throughput."""
+    from grand_pipeline.locations import require_existing
+    from grand_pipeline.status import run_status
     from grand_pipeline.store import Store
 
-    Store(output).require_existing()  # a mistyped --output is an error, not an empty table
+    require_existing(Store(output))  # a mistyped --output is an error, not an empty table
     if as_json:
-        typer.echo(json.dumps(Store(output).status(), indent=2, sort_keys=True))
+        typer.echo(json.dumps(run_status(Store(output)), indent=2, sort_keys=True))
         return
     status = _print_status(output)
     matrix = status.get("matrix", {})

@@ -4,23 +4,22 @@ Everything shown comes from the store (commit markers and run metadata), never f
 page works during a run, after it, and on a laptop pointed at an ``s3://`` output. The server is
 the standard library's: GET only, a fixed set of paths, bound to 127.0.0.1 unless told otherwise.
 
-Markers written by older code lack per-shard timestamps; they still count towards progress and
-totals, and only the time series and the ETA skip what they cannot place in time.
+The numbers are :mod:`grand_pipeline.status`'s, the same ``grand status`` prints.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
-from datetime import datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
 
+from grand_pipeline.run_meta import RunMeta
+from grand_pipeline.status import level_extras, run_status
 from grand_pipeline.store import Store
 
 logger = logging.getLogger(__name__)
@@ -32,9 +31,6 @@ STATIC = {
     "/style.css": ("style.css", "text/css; charset=utf-8"),
 }
 API_PATH = "/api/status"
-TIMELINE_BINS = 40
-#: Committed shards whose pace the ETA extrapolates.
-ETA_WINDOW = 50
 
 # Scripts and styles come from this server only: no inline code, no third-party origin.
 _SECURITY_HEADERS = {
@@ -44,100 +40,6 @@ _SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-
-
-def _timestamp(value: Any) -> float | None:
-    """Epoch seconds from a marker field: a number or an ISO-8601 string; None otherwise."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value) if math.isfinite(value) and value >= 0 else None
-    if isinstance(value, str):
-        try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            return None
-    return None
-
-
-def shard_span(marker: dict) -> tuple[float, float] | None:
-    """(started, finished) of one committed shard, from whatever the marker records."""
-    finished = _timestamp(marker.get("finished"))
-    if finished is None:
-        finished = _timestamp(marker.get("committed_at"))
-    if finished is None:
-        return None
-    started = _timestamp(marker.get("started"))
-    if started is None:
-        seconds = marker.get("duration_s", marker.get("seconds"))
-        started = finished - float(seconds) if isinstance(seconds, int | float) else finished
-    return min(started, finished), finished
-
-
-def timeline(markers: dict[str, dict], bins: int = TIMELINE_BINS) -> list[dict[str, float]]:
-    """Images/s over time: each shard's rows spread evenly over its (started, finished) span."""
-    spans = [(span, int(m.get("rows", 0))) for m in markers.values() if (span := shard_span(m))]
-    if not spans:
-        return []
-    t0 = min(start for (start, _), _ in spans)
-    t1 = max(end for (_, end), _ in spans)
-    width = max((t1 - t0) / bins, 1e-6)
-    totals = [0.0] * bins
-    for (start, end), rows in spans:
-        if end - start <= 0:
-            totals[min(int((end - t0) / width), bins - 1)] += rows
-            continue
-        for i in range(bins):
-            lo, hi = t0 + i * width, t0 + (i + 1) * width
-            overlap = min(hi, end) - max(lo, start)
-            if overlap > 0:
-                totals[i] += rows * overlap / (end - start)
-    return [{"t": round(t0 + (i + 0.5) * width, 3), "images_per_second": round(total / width, 4)}
-            for i, total in enumerate(totals)]
-
-
-def format_eta(seconds: float | None) -> str:
-    """``done``, ``unknown`` (nothing timed yet) or ``1h 5m`` / ``4m 10s`` / ``12s``."""
-    if seconds is None:
-        return "unknown"
-    if seconds <= 0:
-        return "done"
-    whole = round(seconds)
-    hours, minutes, rest = whole // 3600, whole % 3600 // 60, whole % 60
-    return f"{hours}h {minutes}m" if hours else f"{minutes}m {rest}s" if minutes else f"{rest}s"
-
-
-def level_extras(entry: dict, markers: dict[str, dict], now: float) -> dict[str, Any]:
-    """Wall-clock throughput, ETA, LLM counters and the time series of one level."""
-    spans = [span for m in markers.values() if (span := shard_span(m))]
-    # Units are what commits: the ETA is remaining units at the pace of the latest units.
-    remaining = max(int(entry["units_total"]) - int(entry["units_committed"]), 0)
-    extras: dict[str, Any] = {"units_remaining": remaining, "eta_seconds": 0.0 if remaining == 0 else None,
-                              "wall_images_per_second": None, "first_started": None, "last_finished": None}
-    if spans:
-        start, end = min(s for s, _ in spans), max(e for _, e in spans)
-        extras.update(first_started=start, last_finished=end)
-        wall = end - start
-        if wall > 0:
-            timed_rows = sum(int(m.get("rows", 0)) for m in markers.values() if shard_span(m))
-            extras["wall_images_per_second"] = timed_rows / wall
-        if remaining and end > start:
-            # The pace of the latest units only: a run resumed a day later must not count the
-            # idle day. Whole-run pace (all workers together), not one actor's.
-            recent = sorted(spans, key=lambda span: span[1])[-ETA_WINDOW:]
-            window = end - min(s for s, _ in recent)
-            extras["eta_seconds"] = remaining * window / len(recent) if window > 0 else None
-    llm: dict[str, int] = {}
-    checks: dict[str, int] = {}
-    for m in markers.values():
-        for key, n in (m.get("llm_attempts") or {}).items():
-            llm[key] = llm.get(key, 0) + int(n)
-        for key, n in (m.get("verify_failures") or {}).items():
-            checks[key] = checks.get(key, 0) + int(n)
-    extras.update(llm_attempts=dict(sorted(llm.items())), verify_failures=dict(sorted(checks.items())),
-                  timeline=timeline(markers), age_seconds=(now - extras["last_finished"])
-                  if extras["last_finished"] is not None else None)
-    return extras
 
 
 #: GLaMM training's per-step log (``grand glamm train``), read as a file: the dashboard knows its
@@ -168,12 +70,12 @@ def training_summary(store: Store) -> dict[str, Any] | None:
 
 
 def snapshot(store: Store) -> dict[str, Any]:
-    """``Store.status()`` unchanged (the CLI's numbers), plus per-level extras and run metadata."""
+    """:func:`run_status` unchanged (the CLI's numbers), plus per-level extras and run metadata."""
     now = time.time()
-    status = store.status()
+    status = run_status(store)
     for entry in status["levels"]:
         entry.update(level_extras(entry, store.committed(entry["level"]), now))
-    meta = store.read_run_meta() or {}
+    meta = RunMeta(store).read_run_meta() or {}
     status["run"] = {k: meta.get(k) for k in ("config_hash", "profile", "code_version", "input", "levels",
                                               "attempt")}
     status["output"] = store.uri

@@ -201,7 +201,8 @@ class PerImageJson:
                 "%d image id(s) occur in more than one shard (e.g. %s); each copy is written as "
                 "<image_id>__<shard>.json", len(shared), next(iter(shared)),
             )
-        written, duplicates, names = 0, {}, set()
+        written, names = 0, set()
+        duplicates: dict[str, list[str]] = {}
         for unit, rows in job.shards():
             for row in rows:
                 job.counts["rows:ok"] += 1

@@ -139,10 +139,10 @@ def _numbered(fs: Any, directory: str) -> list[int]:
     return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
 
 
-def take_attempt(fs: Any, run_dir: str, floor: int = 0) -> int:
+def take_attempt(fs: Any, run_dir: str) -> int:
     """The next attempt number, unique among all writers of this output (exclusive create)."""
     directory = posixpath.join(run_dir, ATTEMPTS)
-    number = max([floor, *_numbered(fs, directory)]) + 1
+    number = max([0, *_numbered(fs, directory)]) + 1
     record = holder()
     while True:
         record.update(attempt=number, started=time.time())

@@ -1,6 +1,13 @@
 """The commit marker's record: counts from the table, timings from the runner, identity of the
-commit. The field names are documented in :mod:`grand_pipeline.store`'s docstring; the dashboard
-and ``grand plan`` read them.
+commit. ``grand status``, the dashboard and ``grand plan`` read these fields (JSON):
+
+- identity: ``level``, ``unit``, ``shard``, ``attempt`` (run attempt that committed), ``generation``
+  (its claim), ``host``, ``config_hash``, ``models``, ``parquet_bytes``, ``parquet_sha256``;
+- counts, from the table: ``images`` (= ``rows``), ``ok``, ``errors`` (= ``failed``),
+  ``errors_by_stage`` (= ``failures_by_stage``, stage -> count);
+- timing: ``started``, ``finished``, ``committed_at`` (unix seconds), ``duration_s``
+  (= ``seconds``, compute time of the unit), ``images_per_s`` (= ``images_per_second``),
+  ``stage_seconds`` (stage -> seconds spent in it for this unit), ``attempt_retries``.
 """
 
 from __future__ import annotations

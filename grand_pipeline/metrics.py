@@ -12,6 +12,8 @@ from collections import Counter, defaultdict
 from collections.abc import MutableMapping
 from typing import Any
 
+from grand_pipeline.stage import LLM_ATTEMPTS_FIELD
+
 logger = logging.getLogger(__name__)
 
 METRIC_NAMES = {
@@ -24,13 +26,6 @@ METRIC_NAMES = {
     "llm_attempts": "grand_llm_attempts_total",
     "verify_failures": "grand_verify_failures_total",
 }
-
-#: The in-memory record field through which an LLM stage hands the runner what its verify loop
-#: tried: ``{stage: [failed check names of each attempt]}`` (``[]``: that attempt passed). The
-#: check names come from the checks themselves (``levels.verify.Issue.check``), never from parsing
-#: their messages. The runner counts the field into its level after the stages and removes it; no
-#: row ever reads it.
-LLM_ATTEMPTS_FIELD = "_llm_attempts"
 
 _STAGE_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
 

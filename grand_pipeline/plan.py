@@ -1,6 +1,6 @@
 """``grand plan --gpus N``: pool sizes and an ETA from the throughput measured in committed markers.
 
-Each marker records the shard's compute seconds (``duration_s``), its images and the seconds of
+Each marker records the unit's compute seconds (``seconds``), its images (``rows``) and the seconds of
 every stage (``stage_seconds``). Summed over a level's shards that gives seconds per image per
 actor, ``t``. A level of ``a`` actors then does ``a / t`` images/s, and the levels of a streamed
 run (shards flow 1 -> 2 -> 3 -> 4 without a barrier) go as fast as the slowest one. So the GPUs
@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass, field
 
 from grand_pipeline.config import ConfigError, GrandConfig
+from grand_pipeline.locations import require_existing
+from grand_pipeline.run_meta import RunMeta
 from grand_pipeline.store import Store
 
 
@@ -76,8 +78,8 @@ class Plan:
 
 def measure(store: Store, cfg: GrandConfig, level: int) -> LevelPlan | None:
     markers = store.committed(level)
-    images = sum(int(m.get("images", m.get("rows", 0))) for m in markers.values())
-    seconds = sum(float(m.get("duration_s", m.get("seconds", 0.0)) or 0.0) for m in markers.values())
+    images = sum(int(m["rows"]) for m in markers.values())
+    seconds = sum(float(m["seconds"]) for m in markers.values())
     if not images or seconds <= 0:
         return None
     stages: dict[str, float] = {}
@@ -85,8 +87,9 @@ def measure(store: Store, cfg: GrandConfig, level: int) -> LevelPlan | None:
         for stage, value in (m.get("stage_seconds") or {}).items():
             stages[stage] = stages.get(stage, 0.0) + float(value)
     pool = cfg.pool(level)
-    known = set(store.known_shards(level)) | set(store.known_shards())
-    counts = store.unit_counts()  # a shard not indexed yet counts as one unit
+    meta = RunMeta(store)
+    known = set(meta.known_shards(level)) | set(meta.known_shards())
+    counts = meta.unit_counts()  # a shard not indexed yet counts as one unit
     total_units = sum(counts.get(shard, 1) for shard in known)
     return LevelPlan(
         level=level,
@@ -94,9 +97,8 @@ def measure(store: Store, cfg: GrandConfig, level: int) -> LevelPlan | None:
         images_measured=images,
         seconds_per_image=seconds / images,
         stage_seconds_per_image={k: v / images for k, v in sorted(stages.items())},
-        # PoolConfig.num_gpus may be absent in configs of older versions.
-        gpus_per_actor=float(getattr(pool, "num_gpus", 0.0) or 0.0),
-        cpus_per_actor=float(getattr(pool, "num_cpus", 1.0) or 0.0),
+        gpus_per_actor=float(pool.num_gpus),
+        cpus_per_actor=float(pool.num_cpus),
         units_remaining=max(total_units - len(markers), 0),
     )
 
@@ -145,7 +147,7 @@ def make_plan(cfg: GrandConfig, output_uri: str, gpus: float, levels: list[int] 
     if not gpus >= 0:  # also refuses NaN
         raise ConfigError(f"--gpus {gpus}: expected a GPU budget >= 0")
     store = Store(output_uri)
-    store.require_existing()
+    require_existing(store)
     wanted = levels or store.levels_present()
     measured: list[LevelPlan] = []
     unmeasured: list[int] = []

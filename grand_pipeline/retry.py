@@ -4,8 +4,9 @@ For every committed unit of level N with error rows, the error rows are recomput
 each later level committed for that unit, the rows of those same images are recomputed too
 (their inputs changed). Every other row is kept as it was: the new table is the old one with
 just those rows swapped in (an Arrow ``take``, no Python round trip), so untouched rows keep
-their exact values. Each rewritten unit goes through :meth:`Store.commit` with ``replace``:
-a fresh claim, the old marker removed, the new Parquet published, a new marker written last.
+their exact values. Each rewritten unit goes through :func:`~grand_pipeline.commit.commit` with
+``replace``: a fresh claim, the old marker removed, the new Parquet published, a new marker
+written last.
 A kill in between leaves the unit uncommitted, and ``grand run`` recomputes it whole.
 
 The work runs in-process (no Ray): failed images are few, and the runners load once per level.
@@ -20,8 +21,10 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from grand_pipeline.commit import commit
 from grand_pipeline.config import ConfigError, GrandConfig
 from grand_pipeline.engine.runner import LevelRunner
+from grand_pipeline.run_meta import RunMeta
 from grand_pipeline.schemas import STATUS_ERROR
 from grand_pipeline.sources import list_shards
 from grand_pipeline.store import Store, StoreError
@@ -69,7 +72,8 @@ def retry_failed(
     input_uri: str | None = None,
 ) -> RetrySummary:
     store = Store(output_uri)
-    meta = store.read_run_meta() or {}
+    run_meta = RunMeta(store)
+    meta = run_meta.read_run_meta() or {}
     if meta.get("config_hash") and meta["config_hash"] != cfg.content_hash():
         raise ConfigError(
             f"config hash {cfg.content_hash()} differs from the run's {meta['config_hash']}: "
@@ -89,7 +93,7 @@ def retry_failed(
     if not todo:
         return summary
     units = _unit_refs(store, refs, todo, source)
-    summary.attempt = store.next_attempt()
+    summary.attempt = run_meta.next_attempt()
     runners: dict[int, LevelRunner] = {}
     for unit, ids in todo.items():
         for lv in [level, *later]:
@@ -108,7 +112,7 @@ def retry_failed(
                 retry_attempt=summary.attempt,
                 retried_at=time.time(),
             )
-            if not store.commit(lv, unit, table, stats, summary.attempt, replace=True):
+            if not commit(store, lv, unit, table, stats, summary.attempt, replace=True):
                 raise StoreError(f"level {lv} unit {unit}: another attempt holds the commit; rerun later")
             summary.recomputed.setdefault(lv, {})[unit] = list(ids)
             if lv == level:
@@ -125,7 +129,7 @@ def _unit_refs(store: Store, refs: dict, todo: dict[str, list[str]], source: str
     for shard in sorted({split_unit_id(unit)[0] for unit in todo}):
         if shard not in refs:
             raise StoreError(f"shard {shard} is not in the input {source}")
-        index = store.read_index(shard)
+        index = RunMeta(store).read_index(shard)
         if index is None:
             raise StoreError(f"shard {shard} has committed units but no stored unit index in {store.uri}")
         out.update({unit.unit_id: unit for unit in index.units(refs[shard])})

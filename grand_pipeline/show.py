@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from grand_pipeline.engine.inputs import record_from_source
 from grand_pipeline.geometry import rle as rle_ops
+from grand_pipeline.run_meta import RunMeta
 from grand_pipeline.sources import list_shards, read_images
 from grand_pipeline.store import Store, StoreError
 
@@ -47,7 +48,7 @@ def find_row(store: Store, image_id: str, level: int | None) -> tuple[int, dict[
 
 
 def load_pixels(store: Store, row: dict[str, Any]) -> np.ndarray:
-    meta = store.read_run_meta() or {}
+    meta = RunMeta(store).read_run_meta() or {}
     if "input" not in meta:
         raise StoreError("the output has no _run/run.json naming its input; cannot re-read pixels")
     refs = [r for r in list_shards(meta["input"]) if r.shard_id == row["shard_id"]]

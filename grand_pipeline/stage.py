@@ -27,6 +27,13 @@ B = TypeVar("B", bound=Backend)
 #: Record attributes a stage may require besides ``fields``.
 RECORD_ATTRIBUTES = ("image", "regions", "width", "height")
 
+#: The in-memory record field through which an LLM stage hands the runner what its verify loop
+#: tried: ``{stage: [failed check names of each attempt]}`` (``[]``: that attempt passed). The
+#: check names come from the checks themselves (``levels.verify.Issue.check``), never from parsing
+#: their messages. The runner counts the field into its level after the stages and removes it; no
+#: row ever reads it.
+LLM_ATTEMPTS_FIELD = "_llm_attempts"
+
 
 class StageContractError(RuntimeError):
     """A stage was handed records without the fields it requires (a wiring bug, not bad data)."""

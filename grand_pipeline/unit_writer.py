@@ -8,7 +8,7 @@ the bytes as they go. Memory is one row group plus one micro-batch, whatever the
 The bytes are a pure function of the rows: row groups are cut at fixed row counts, never at
 micro-batch edges, and every Parquet option is pinned, so a streamed unit is byte-identical to the
 same table written at once (``tests/test_units.py`` checks it). Publishing, claims and the marker
-stay with :meth:`grand_pipeline.store.Store.commit_staged`.
+stay with :func:`grand_pipeline.commit.commit_staged`.
 """
 
 from __future__ import annotations

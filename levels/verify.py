@@ -15,7 +15,7 @@ Every check reports :class:`Issue` (a check name from the fixed ``CHECKS`` and a
 regeneration prompt and the stored ``ATTEMPT`` rows get the messages, the verify-failure metric the
 check names. The loop itself keeps no counters: each :class:`Outcome` carries the failed checks of
 its attempts, and :func:`report_attempts` hands them to the runner on the record, which counts
-them into the level's metrics (see ``grand_pipeline.metrics.LLM_ATTEMPTS_FIELD``).
+them into the level's metrics (see ``grand_pipeline.stage.LLM_ATTEMPTS_FIELD``).
 
 The local text checks both levels use (sentence count, clean ending, forbidden wording) live here
 too; the content checks (repetition, relevance by lemma) are in :mod:`levels.text`.
@@ -29,9 +29,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from grand_pipeline.metrics import LLM_ATTEMPTS_FIELD
 from grand_pipeline.models.roles import LLM, ChatPrompt, Generation
-from grand_pipeline.stage import ImageRecord
+from grand_pipeline.stage import LLM_ATTEMPTS_FIELD, ImageRecord
 from prompts.base import PromptTemplate
 
 logger = logging.getLogger(__name__)

@@ -15,6 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from grand_pipeline.cli import app
+from grand_pipeline.commit import commit
+from grand_pipeline.run_meta import RunMeta
 from grand_pipeline.schemas import STATUS_OK, level_schema
 from grand_pipeline.store import Store
 from grand_pipeline.units import unit_id
@@ -47,7 +49,7 @@ def commit_level(out: Path, level: int, shard: str, images: int = 2) -> None:
                    status=STATUS_OK, provenance={"config_hash": "abc", "backends": [], "prompt_versions": []})
         rows.append(row)
     store = Store(str(out))
-    assert store.commit(level, unit_id(shard, 0), pa.Table.from_pylist(rows, schema=schema), {"seconds": 1.0}, 1)
+    assert commit(store, level, unit_id(shard, 0), pa.Table.from_pylist(rows, schema=schema), {"seconds": 1.0}, 1)
 
 
 def status_json(out: Path) -> dict:
@@ -67,7 +69,7 @@ def demo(tmp_path: Path) -> Path:
     out = tmp_path / "out"
     for level in (1, 2):
         commit_level(out, level, "sa_000000")
-    Store(str(out)).record_shards(None, ["sa_000000"])
+    RunMeta(Store(str(out))).record_shards(None, ["sa_000000"])
     return tmp_path
 
 

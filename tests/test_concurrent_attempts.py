@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from grand_pipeline import fencing
+from grand_pipeline.run_meta import RunMeta
 from grand_pipeline.sample import make_sample
 from grand_pipeline.store import Store
 from grand_pipeline.units import unit_id
@@ -125,7 +126,7 @@ def test_attempt_numbers_are_unique_under_concurrency(tmp_path) -> None:
 
     def take() -> None:
         barrier.wait()
-        taken.append(Store(str(tmp_path)).next_attempt())
+        taken.append(RunMeta(Store(str(tmp_path))).next_attempt())
 
     threads = [threading.Thread(target=take) for _ in range(6)]
     for t in threads:

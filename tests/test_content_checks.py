@@ -17,9 +17,9 @@ import pytest
 
 from grand_pipeline.config import ModelSpec
 from grand_pipeline.engine.runner import LevelRunner
-from grand_pipeline.metrics import LLM_ATTEMPTS_FIELD, PipelineMetrics
+from grand_pipeline.metrics import PipelineMetrics
 from grand_pipeline.models.hub import ModelHub
-from grand_pipeline.stage import ImageRecord
+from grand_pipeline.stage import LLM_ATTEMPTS_FIELD, ImageRecord
 from levels.level4.context import LEMMA_ONLY, AdditionalContextStage
 from levels.level4.relevance import relevance_issues, scene_terms
 from levels.text import repetition_issues

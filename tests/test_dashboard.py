@@ -12,8 +12,11 @@ import pytest
 from typer.testing import CliRunner
 
 from grand_pipeline.cli import app
-from grand_pipeline.dashboard import ETA_WINDOW, level_extras, make_server, shard_span, timeline
+from grand_pipeline.commit import commit
+from grand_pipeline.dashboard import make_server
+from grand_pipeline.run_meta import RunMeta
 from grand_pipeline.sample import make_sample
+from grand_pipeline.status import ETA_WINDOW, level_extras, shard_span, timeline
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -25,11 +28,9 @@ def grand(*args: str):
 
 
 # ---------------------------------------------------------------------------------- pure parts
-def test_span_uses_started_finished_then_committed_at_minus_seconds() -> None:
+def test_span_is_started_to_finished() -> None:
     assert shard_span({"started": 100.0, "finished": 110.0, "seconds": 3}) == (100.0, 110.0)
-    assert shard_span({"committed_at": 50.0, "seconds": 5}) == (45.0, 50.0)
-    assert shard_span({"finished": "1970-01-01T00:01:40Z", "duration_s": 10}) == (90.0, 100.0)
-    assert shard_span({"rows": 3, "seconds": 2}) is None  # an old marker: no time at all
+    assert shard_span({"rows": 3, "seconds": 2}) is None  # no time at all
 
 
 def test_timeline_spreads_rows_over_each_shard_span() -> None:
@@ -198,11 +199,11 @@ def test_status_counts_units_and_marks_a_partial_shard(tmp_path: Path) -> None:
 
     out = tmp_path / "out"
     store = Store(str(out))
-    store.record_shards(None, ["sa_000000", "sa_000001"])
-    store.write_index(ShardIndex("sa_000000", 2, tuple(f"sa_{i}" for i in range(6))))  # three units
-    store.write_index(ShardIndex("sa_000001", 2, ("sa_7",)))  # one unit
+    RunMeta(store).record_shards(None, ["sa_000000", "sa_000001"])
+    RunMeta(store).write_index(ShardIndex("sa_000000", 2, tuple(f"sa_{i}" for i in range(6))))  # three units
+    RunMeta(store).write_index(ShardIndex("sa_000001", 2, ("sa_7",)))  # one unit
     for unit in (unit_id("sa_000000", 0), unit_id("sa_000000", 1), unit_id("sa_000001", 0)):
-        assert store.commit(1, unit, make_table(unit.split("@")[0], n=2), STATS, attempt=1)
+        assert commit(store, 1, unit, make_table(unit.split("@")[0], n=2), STATS, attempt=1)
     result = grand("status", "--output", str(out))
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()

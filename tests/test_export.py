@@ -19,10 +19,12 @@ from skimage import data as skdata
 from typer.testing import CliRunner
 
 from grand_pipeline.cli import app
+from grand_pipeline.commit import commit as commit_unit
 from grand_pipeline.export import SUMMARY_PATH, export
 from grand_pipeline.export_ref import ExportValidationError
 from grand_pipeline.geometry import rle
 from grand_pipeline.registry import UnknownNameError
+from grand_pipeline.run_meta import RunMeta
 from grand_pipeline.schemas import STATUS_ERROR, STATUS_OK, level_schema
 from grand_pipeline.show import LINE_H, palette
 from grand_pipeline.sources import list_shards
@@ -141,7 +143,7 @@ def make_row(
 def commit(out: Path, level: int, shard: str, rows: list[dict]) -> None:
     """Commit ``rows`` as unit 0 of ``shard`` (one unit holds every row of these small shards)."""
     table = pa.Table.from_pylist(rows, schema=level_schema(level))
-    assert Store(str(out)).commit(level, unit_id(shard, 0), table, {"seconds": 1.0}, attempt=1)
+    assert commit_unit(Store(str(out)), level, unit_id(shard, 0), table, {"seconds": 1.0}, attempt=1)
 
 
 @pytest.fixture()
@@ -433,7 +435,7 @@ def photo_output(tmp_path: Path) -> tuple[Path, str]:
     shard = list_shards(str(photos))[0].shard_id
     out = tmp_path / "out"
     commit(out, 4, shard, [make_row("coffee", shard)])
-    Store(str(out)).write_run_meta("profile: lite\n", {"input": str(photos), "config_hash": "abc"})
+    RunMeta(Store(str(out))).write_run_meta("profile: lite\n", {"input": str(photos), "config_hash": "abc"})
     return out, shard
 
 

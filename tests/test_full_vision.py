@@ -109,11 +109,18 @@ def test_open_vocabulary_labels_follow_the_image_tags(backend: str, photo: np.nd
 
 
 def test_grounding_dino_loads_once_for_both_roles(photo: np.ndarray) -> None:
+    from grand_pipeline.config import ModelsConfig
     from grand_pipeline.models.backends.grounding_dino import GroundingDinoDetector, GroundingDinoGrounder
+    from grand_pipeline.models.hub import ModelHub
 
     spec = ModelSpec("grounding_dino", "tiny:0", options={"box_threshold": 0.0})
-    detector, grounder = GroundingDinoDetector(spec), GroundingDinoGrounder(spec)
-    assert detector.net.model is grounder.net.model
+    unused = ModelSpec("unused")  # the hub loads lazily: only the two keys asked for are built
+    models = ModelsConfig(unused, {"gdino": spec}, unused, unused, unused, grounder=spec)
+    hub = ModelHub(models)
+    detector, grounder = hub.get("detectors.gdino"), hub.get("grounder")
+    assert isinstance(detector, GroundingDinoDetector) and isinstance(grounder, GroundingDinoGrounder)
+    assert detector.net.model is grounder.net.model  # one model per hub and weights folder
+    assert ModelHub(models).get("grounder").net.model is not grounder.net.model  # nothing process-wide
     phrases = [f"phrase {i}" for i in range(11)]  # two prompt chunks of at most 8
     out = grounder.ground(photo, phrases, [])
     assert len(out) == 11 and all(g is not None and g.phrase == p for g, p in zip(out, phrases, strict=True))

@@ -10,6 +10,7 @@ from torchvision.ops import nms as tv_nms
 
 from grand_pipeline.geometry.boxes import (
     box_area,
+    box_contains,
     box_iou,
     clip_boxes,
     nms,
@@ -130,3 +131,18 @@ def test_fraction_inside_matches_pixel_loop(seed: int) -> None:
         inside = (xs + 0.5 >= x1) & (xs + 0.5 <= x2) & (ys + 0.5 >= y1) & (ys + 0.5 <= y2)
         expected.append(inside.mean() if len(xs) else 0.0)
     np.testing.assert_allclose(fraction_inside(masks, boxes), expected)
+
+
+def test_box_contains_pairs_with_a_one_pixel_tolerance() -> None:
+    outer = [10.0, 10.0, 50.0, 50.0]
+    assert box_contains(outer, [20, 20, 30, 30])
+    assert box_contains(outer, [9.5, 10, 50.9, 50])  # within the tolerance: rounding
+    assert not box_contains(outer, [8.5, 10, 30, 30])
+    assert not box_contains([20, 20, 30, 30], outer)
+    assert not box_contains(outer, [9.5, 10, 50, 50], tolerance=0.0)
+    # Vectorised over pairs: the same answers as one call per pair.
+    inner = np.array([[20, 20, 30, 30], [9.5, 10, 50.9, 50], [8.5, 10, 30, 30], [10, 10, 51.5, 50]])
+    np.testing.assert_array_equal(box_contains(outer, inner), [True, True, False, False])
+    assert box_contains(outer, inner[0]).shape == ()
+    with pytest.raises(ValueError):
+        box_contains([0, 0, 1], [0, 0, 1, 1])

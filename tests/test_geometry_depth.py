@@ -9,6 +9,7 @@ from grand_pipeline.geometry.depth import (
     area_mean,
     box_cell_areas,
     cell_sums,
+    depth_grid,
     depth_layers,
     grid_medians,
     grid_size,
@@ -208,3 +209,13 @@ def test_lowres_depths_use_the_mask_then_the_box() -> None:
     assert np.isnan(nothing).all()
     with pytest.raises(ValueError):
         lowres_depths(grid, masks, boxes[:2])
+
+
+def test_depth_grid_reads_the_stored_struct() -> None:
+    grid = depth_grid({"height": 2, "width": 3, "values": [1, 2, 3, 4, float("nan"), 6]})
+    assert grid is not None and grid.dtype == np.float32 and grid.shape == (2, 3)
+    np.testing.assert_array_equal(grid[0], [1, 2, 3])
+    assert np.isnan(grid[1, 1])
+    assert depth_grid(None) is None
+    with pytest.raises(ValueError):
+        depth_grid({"height": 2, "width": 2, "values": [1.0, 2.0, 3.0]})

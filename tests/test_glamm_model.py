@@ -16,6 +16,7 @@ import torch
 from skimage import data as skdata
 
 from grand_pipeline.config import ConfigError, build
+from grand_pipeline.run_meta import RunMeta
 from grand_pipeline.store import Store
 from grand_pipeline.training.config import load_train_config
 from grand_pipeline.training.data.collate import Collator
@@ -62,7 +63,7 @@ def run_output(tmp_path_factory) -> Path:
     coffee = skdata.coffee()
     _tar(root / "in" / "sa_000000.tar", [("sa_1", coffee), ("sa_3", coffee)])
     commit(root / "out", 3, "sa_000000", [_row("sa_1", "sa_000000"), _row("sa_3", "sa_000000")])
-    Store(str(root / "out")).write_run_meta(
+    RunMeta(Store(str(root / "out"))).write_run_meta(
         "profile: lite\n", {"input": str(root / "in"), "config_hash": "t"}
     )
     return root / "out"

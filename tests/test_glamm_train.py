@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from grand_pipeline.cli import app
 from grand_pipeline.config import ConfigError
+from grand_pipeline.run_meta import RunMeta
 from grand_pipeline.store import Store
 from grand_pipeline.training.config import load_train_config
 from grand_pipeline.training.train import checkpoint as ckpt_io
@@ -41,7 +42,7 @@ def make_output(root: Path) -> Path:
     for shard, ids in SHARDS.items():
         _tar(root / "in" / f"{shard}.tar", [(i, coffee) for i in ids])
         commit(out, 3, shard, [_row(i, shard) for i in ids])
-    Store(str(out)).write_run_meta("profile: lite\n", {"input": str(root / "in"), "config_hash": "abc"})
+    RunMeta(Store(str(out))).write_run_meta("profile: lite\n", {"input": str(root / "in"), "config_hash": "abc"})
     return out
 
 

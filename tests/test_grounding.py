@@ -1,4 +1,4 @@
-"""Caption grounding (levels.grounding) and its level-3 stage: the three passes, clean-up, offsets."""
+"""Caption grounding (levels.caption_grounding) and its level-3 stage: the three passes, clean-up, offsets."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from grand_pipeline.config import ModelSpec
 from grand_pipeline.models.roles import Phrase, PhraseExtractor, TextEmbedder
 from grand_pipeline.schemas import DETAIL
 from grand_pipeline.stage import ImageRecord
-from levels.grounding import CaptionGrounder, ground_caption, label_matches, object_text
+from levels.caption_grounding import CaptionGrounder, ground_caption, label_matches, object_text
 from levels.level3.ground import SHORT_CAPTIONS_GROUNDED, GroundCaptionsStage
 
 # ----------------------------------------------------------------------------- fakes

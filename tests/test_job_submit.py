@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from grand_pipeline.run_meta import RunMeta
 from grand_pipeline.sample import make_sample
 from grand_pipeline.store import Store
 from grand_pipeline.units import unit_id
@@ -134,7 +135,7 @@ def test_grand_run_as_a_ray_job_commits_its_shard(cluster, tmp_path, tiny_cfg) -
     assert markers[unit]["rows"] == 2
     assert markers[unit]["ok"] + markers[unit]["failed"] == 2
     assert store.read(1, unit).num_rows == 2
-    assert store.read_index("sa_000020").unit_ids() == [unit]
+    assert RunMeta(store).read_index("sa_000020").unit_ids() == [unit]
     # The status table that `grand run` prints at the end: level 1, units 1/1, shards 1/1.
     assert any(line.split()[:3] == ["1", "1/1", "1/1"] for line in logs.splitlines()), logs[-3000:]
     info = client.get_job_info(job_id)

@@ -18,8 +18,9 @@ from grand_pipeline.geometry import boxed, rle
 from grand_pipeline.models.backends.ground_plane_depth import _GREY as GREY
 from grand_pipeline.models.backends.ground_plane_depth import GroundPlaneDepth, contrast_cue
 from grand_pipeline.models.backends.ground_plane_depth import _box_mean as box_mean
-from grand_pipeline.models.backends.litemedsam import STABILITY_OFFSET, LiteMedSAM
+from grand_pipeline.models.backends.litemedsam import LiteMedSAM
 from grand_pipeline.models.backends.sam import SamSegmenter
+from grand_pipeline.models.mask_logits import STABILITY_OFFSET
 from grand_pipeline.models.roles import Region
 from levels.level1 import AttributeStage
 from levels.level1.attributes import largest_regions

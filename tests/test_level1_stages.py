@@ -22,7 +22,7 @@ from grand_pipeline.models.roles import (
     Tag,
     Tagger,
 )
-from grand_pipeline.schemas import LEVEL1_FIELDS, OBJECT, level_schema
+from grand_pipeline.schemas import OBJECT, level_schema
 from grand_pipeline.stage import ImageRecord
 from levels.base import LEVELS
 from levels.level1 import (
@@ -37,8 +37,7 @@ from levels.level1 import (
     VoteStage,
     to_row,
 )
-from levels.level1.common import OBJECT_KEYS
-from levels.level1.vote import new_object
+from levels.objects import OBJECT_KEYS, new_object
 
 IMAGE = skdata.coffee()  # (400, 600, 3) uint8 RGB
 H, W = IMAGE.shape[:2]
@@ -467,14 +466,8 @@ def test_full_level_rows_validate_against_the_level_schema():
     assert table.to_pylist()[2]["objects"] == [] and table.to_pylist()[2]["depth_source"] is None
 
 
-def test_stage_outputs_cover_exactly_the_level1_columns():
-    columns = {f.name for f in LEVEL1_FIELDS}
-    provided = {key for stage in STAGES for key, tp in stage.provides.items() if tp is not None}
-    assert provided == columns
-    for stage in STAGES:
-        for key, tp in stage.provides.items():
-            if tp is not None:
-                assert tp == level_schema(1).field(key).type, key
+def test_stages_fill_every_object_key():
+    # Outputs against the schema: tests/test_stage_contracts.py, for every level.
     filled = {key for stage in STAGES for key in getattr(stage, "fills", ())}
     assert filled == set(OBJECT_KEYS) == {OBJECT.field(i).name for i in range(OBJECT.num_fields)}
     assert LEVELS.get("1") is LEVEL1 and LEVEL1.stages == STAGES and LEVEL1.needs_pixels

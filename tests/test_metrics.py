@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from grand_pipeline.metrics import LLM_ATTEMPTS_FIELD, METRIC_NAMES, PipelineMetrics
+from grand_pipeline.metrics import METRIC_NAMES, PipelineMetrics
 from grand_pipeline.models.roles import ChatPrompt, Generation
-from grand_pipeline.stage import ImageRecord
+from grand_pipeline.stage import LLM_ATTEMPTS_FIELD, ImageRecord
 from levels.verify import Issue, ending_issues, report_attempts, run_verified, sentence_issues
 
 

@@ -20,6 +20,8 @@ import pyarrow as pa
 import pytest
 
 from grand_pipeline import fencing
+from grand_pipeline.commit import clear_staging, commit
+from grand_pipeline.run_meta import RunMeta
 from grand_pipeline.sample import make_sample
 from grand_pipeline.store import NotCommitted, Store
 from grand_pipeline.units import unit_id
@@ -91,13 +93,13 @@ def test_commit_protocol_on_s3(s3) -> None:
     store = Store(f"s3://{BUCKET}/unit")
     s1 = unit_id("s1", 0)
     table = make_table("s1", n=3)
-    assert store.commit(1, s1, table, STATS, attempt=1)
+    assert commit(store, 1, s1, table, STATS, attempt=1)
     assert store.is_committed(1, s1) and set(store.committed(1, verify=True)) == {s1}
     assert store.fs.exists(f"{store.level_dir(1)}/s1@00000.parquet")
     assert store.read(1, s1).equals(pa.Table.from_arrays(table.columns, schema=table.schema))
     assert pa.Table.from_batches(list(store.iter_batches(1, s1))).equals(store.read(1, s1))
     # A second commit is fenced by the valid marker; the conditional create refuses a second claim.
-    assert store.commit(1, s1, make_table("s1", n=2), STATS, attempt=2) is False
+    assert commit(store, 1, s1, make_table("s1", n=2), STATS, attempt=2) is False
     assert store.marker(1, s1)["attempt"] == 1
     claim = f"{store.claim_dir(1, s1)}/000099.json"
     assert fencing.create_exclusive(store.fs, claim, b"{}") is True
@@ -110,13 +112,13 @@ def test_commit_protocol_on_s3(s3) -> None:
         store.read(1, s1)
     with pytest.raises(NotCommitted):
         list(store.iter_batches(1, s1))
-    assert store.commit(1, s1, table, STATS, attempt=3)
+    assert commit(store, 1, s1, table, STATS, attempt=3)
     # Parquet without marker (a crash between the two uploads) is not a commit.
     store.fs.rm_file(store.marker_path(1, s1))
     assert not store.is_committed(1, s1)
     # Staging debris of a dead attempt goes; nothing else does.
     store.fs.pipe_file(f"{store.level_dir(1)}/_staging/{s1}.a77.{'0' * 32}.parquet", b"x")
-    store.clear_staging(1)
+    clear_staging(store, 1)
     assert _staging(store) == []
     assert store.fs.exists(store.parquet_path(1, s1))
 
@@ -128,7 +130,7 @@ def test_resume_on_s3(s3, reference) -> None:
     store = Store(out)
     before = store.committed(1)
     assert set(before) == set(UNITS[:2])
-    assert store.read_index(SHARDS[0]).unit_ids() == [UNITS[0]]  # the index is stored with the output
+    assert RunMeta(store).read_index(SHARDS[0]).unit_ids() == [UNITS[0]]  # the index is stored with the output
     second = _run(out)
     assert second.returncode == 0, second.stderr[-2000:]
     after = store.committed(1, verify=True)

@@ -9,8 +9,12 @@ import os
 import pyarrow as pa
 import pytest
 
+from grand_pipeline.commit import clear_staging, commit
+from grand_pipeline.locations import check_separate, check_writable, require_existing
+from grand_pipeline.run_meta import RunMeta
 from grand_pipeline.schemas import STATUS_ERROR, STATUS_OK, level_schema
 from grand_pipeline.sources.base import ShardRef
+from grand_pipeline.status import run_status
 from grand_pipeline.store import (
     ROW_GROUP_ROWS,
     NotCommitted,
@@ -18,7 +22,6 @@ from grand_pipeline.store import (
     SchemaMismatch,
     Store,
     StoreError,
-    check_separate,
 )
 from grand_pipeline.units import ShardIndex, unit_id
 
@@ -67,7 +70,7 @@ def test_commit_roundtrip_and_marker(tmp_path):
     table = make_table("sa_000001", errors={1: "tagger", 3: "tagger", 4: None})
     assert U1 == "sa_000001@00000"
     assert not store.is_committed(1, U1)
-    assert store.commit(1, U1, table, STATS, attempt=1) is True
+    assert commit(store, 1, U1, table, STATS, attempt=1) is True
     assert store.is_committed(1, U1)
     assert store.read(1, U1).equals(table)
     assert store.read(1, U1, columns=["image_id"]).column_names == ["image_id"]
@@ -92,7 +95,7 @@ def test_commit_roundtrip_and_marker(tmp_path):
 def test_table_counts_override_wrong_caller_stats(tmp_path):
     store = Store(str(tmp_path))
     unit = unit_id("s", 0)
-    store.commit(1, unit, make_table("s", n=4, errors={0: "depth"}), {**STATS, "ok": 99}, attempt=1)
+    commit(store, 1, unit, make_table("s", n=4, errors={0: "depth"}), {**STATS, "ok": 99}, attempt=1)
     m = store.marker(1, unit)
     assert (m["ok"], m["failed"], m["failures_by_stage"]) == (3, 1, {"depth": 1})
 
@@ -103,8 +106,8 @@ def test_same_table_gives_identical_bytes(tmp_path):
     # Different chunking and schema metadata must not change the bytes either.
     rechunked = pa.concat_tables([table.slice(0, 2), table.slice(2)]).replace_schema_metadata({"x": "y"})
     a, b = Store(str(tmp_path / "a")), Store(str(tmp_path / "b"))
-    assert a.commit(1, unit, table, STATS, attempt=1)
-    assert b.commit(1, unit, rechunked, {**STATS, "seconds": 5.0}, attempt=3)
+    assert commit(a, 1, unit, table, STATS, attempt=1)
+    assert commit(b, 1, unit, rechunked, {**STATS, "seconds": 5.0}, attempt=3)
     pa_bytes = (tmp_path / "a" / "level1" / f"{unit}.parquet").read_bytes()
     assert pa_bytes == (tmp_path / "b" / "level1" / f"{unit}.parquet").read_bytes()
     assert a.marker(1, unit)["parquet_sha256"] == b.marker(1, unit)["parquet_sha256"]
@@ -112,20 +115,20 @@ def test_same_table_gives_identical_bytes(tmp_path):
 
 def test_parquet_without_marker_is_not_committed_and_is_overwritten(tmp_path):
     store = Store(str(tmp_path))
-    store.commit(1, S1, make_table("s1"), STATS, attempt=1)
+    commit(store, 1, S1, make_table("s1"), STATS, attempt=1)
     os.remove(store.marker_path(1, S1))  # as if killed between the two publishes
     assert not store.is_committed(1, S1)
     assert store.committed(1) == {}
     with pytest.raises(NotCommitted):
         store.read(1, S1)
     new = make_table("s1", n=3)
-    assert store.commit(1, S1, new, STATS, attempt=2)
+    assert commit(store, 1, S1, new, STATS, attempt=2)
     assert store.read(1, S1).equals(new)
 
 
 def test_corrupt_parquet_is_not_committed(tmp_path):
     store = Store(str(tmp_path))
-    store.commit(1, S1, make_table("s1"), STATS, attempt=1)
+    commit(store, 1, S1, make_table("s1"), STATS, attempt=1)
     path = store.parquet_path(1, S1)
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 0xFF  # same size, different hash
@@ -137,13 +140,13 @@ def test_corrupt_parquet_is_not_committed(tmp_path):
     with pytest.raises(NotCommitted):
         store.read(1, S1)
     # A corrupt commit does not fence: the next commit repairs it.
-    assert store.commit(1, S1, make_table("s1"), STATS, attempt=2)
+    assert commit(store, 1, S1, make_table("s1"), STATS, attempt=2)
     assert store.is_committed(1, S1)
 
 
 def test_unparseable_marker_is_ignored(tmp_path, caplog):
     store = Store(str(tmp_path))
-    store.commit(1, S1, make_table("s1"), STATS, attempt=1)
+    commit(store, 1, S1, make_table("s1"), STATS, attempt=1)
     with open(store.marker_path(1, S1), "w") as f:
         f.write("{not json")
     assert store.marker(1, S1) is None
@@ -155,8 +158,8 @@ def test_marker_of_another_unit_is_ignored(tmp_path):
     # A marker copied next to another unit's Parquet must not vouch for it.
     store = Store(str(tmp_path))
     other = unit_id("s1", 1)
-    store.commit(1, S1, make_table("s1"), STATS, attempt=1)
-    store.commit(1, other, make_table("s1"), STATS, attempt=1)
+    commit(store, 1, S1, make_table("s1"), STATS, attempt=1)
+    commit(store, 1, other, make_table("s1"), STATS, attempt=1)
     with open(store.marker_path(1, S1), "rb") as f:
         marker = f.read()
     with open(store.marker_path(1, other), "wb") as f:
@@ -169,9 +172,9 @@ def test_marker_of_another_unit_is_ignored(tmp_path):
 def test_second_commit_is_fenced(tmp_path):
     store = Store(str(tmp_path))
     first = make_table("s1", n=5)
-    assert store.commit(1, S1, first, STATS, attempt=1)
+    assert commit(store, 1, S1, first, STATS, attempt=1)
     before = open(store.parquet_path(1, S1), "rb").read()
-    assert store.commit(1, S1, make_table("s1", n=2, errors={0: "x"}), STATS, attempt=2) is False
+    assert commit(store, 1, S1, make_table("s1", n=2, errors={0: "x"}), STATS, attempt=2) is False
     assert open(store.parquet_path(1, S1), "rb").read() == before
     assert store.marker(1, S1)["attempt"] == 1
     assert store.read(1, S1).equals(first)
@@ -181,9 +184,9 @@ def test_second_commit_is_fenced(tmp_path):
 def test_units_of_one_shard_commit_independently(tmp_path):
     store = Store(str(tmp_path))
     second = unit_id("s1", 1)
-    assert store.commit(1, S1, make_table("s1", n=5), STATS, attempt=1)
+    assert commit(store, 1, S1, make_table("s1", n=5), STATS, attempt=1)
     # Another unit of the same shard is not fenced by the first one's commit.
-    assert store.commit(1, second, make_table("s1", n=2), STATS, attempt=2)
+    assert commit(store, 1, second, make_table("s1", n=2), STATS, attempt=2)
     assert store.committed(1).keys() == {S1, second}
     assert (store.marker(1, S1)["rows"], store.marker(1, second)["rows"]) == (5, 2)
     assert store.marker(1, second)["shard"] == "s1"
@@ -198,9 +201,9 @@ def test_schema_mismatch_names_the_field(tmp_path):
         table.schema.get_field_index("width"), "width", table.column("width").cast(pa.int64())
     )
     with pytest.raises(SchemaMismatch, match="'width'"):
-        store.commit(1, S1, wrong, STATS, attempt=1)
+        commit(store, 1, S1, wrong, STATS, attempt=1)
     with pytest.raises(SchemaMismatch, match="'depth_source'"):
-        store.commit(1, S1, table.drop_columns(["depth_source"]), STATS, attempt=1)
+        commit(store, 1, S1, table.drop_columns(["depth_source"]), STATS, attempt=1)
     assert not os.path.exists(store.parquet_path(1, S1))
 
 
@@ -208,13 +211,13 @@ def test_schema_mismatch_names_the_field(tmp_path):
 def test_bad_shard_ids_are_refused(tmp_path, bad):
     store = Store(str(tmp_path))
     with pytest.raises(StoreError):
-        store.commit(1, unit_id(bad, 0), make_table("ok"), STATS, attempt=1)
+        commit(store, 1, unit_id(bad, 0), make_table("ok"), STATS, attempt=1)
     with pytest.raises(StoreError):
         store.parquet_path(1, unit_id(bad, 0))
     with pytest.raises(StoreError):
-        store.record_shards(None, [bad])
+        RunMeta(store).record_shards(None, [bad])
     with pytest.raises(StoreError):
-        store.record_units(bad, 1)
+        RunMeta(store).record_units(bad, 1)
 
 
 @pytest.mark.parametrize(
@@ -232,7 +235,7 @@ def test_bad_shard_ids_are_refused(tmp_path, bad):
 def test_bad_unit_ids_are_refused(tmp_path, bad):
     store = Store(str(tmp_path))
     with pytest.raises(StoreError, match="invalid unit id"):
-        store.commit(1, bad, make_table("sa_000001"), STATS, attempt=1)
+        commit(store, 1, bad, make_table("sa_000001"), STATS, attempt=1)
     for call in (
         store.parquet_path,
         store.marker_path,
@@ -248,31 +251,31 @@ def test_bad_unit_ids_are_refused(tmp_path, bad):
 
 def test_clear_and_clear_staging(tmp_path):
     store = Store(str(tmp_path))
-    store.commit(1, S1, make_table("s1"), STATS, attempt=1)
+    commit(store, 1, S1, make_table("s1"), STATS, attempt=1)
     store.clear(1, S1)
     assert not store.is_committed(1, S1)
     assert not os.path.exists(store.parquet_path(1, S1))
     store.clear(1, S1)  # idempotent
     debris = tmp_path / "level1" / "_staging" / "s2@00000.a1.dead.parquet"
     debris.write_bytes(b"partial")
-    store.clear_staging(1)
+    clear_staging(store, 1)
     assert not debris.exists()
-    store.clear_staging(3)  # a level that never existed
+    clear_staging(store, 3)  # a level that never existed
 
 
 def test_run_meta_shards_and_attempts(tmp_path):
     store = Store(str(tmp_path))
-    assert store.read_run_meta() is None and store.known_shards() == []
-    store.write_run_meta("profile: lite\n", {"config_hash": "abc123", "version": "0.1.0"})
-    assert store.read_run_meta() == {"config_hash": "abc123", "version": "0.1.0"}
-    assert store.read_config_yaml() == "profile: lite\n"
-    store.record_shards(None, ["b", "a"])
-    store.record_shards(2, ["c", "a"])
-    assert store.known_shards() == ["a", "b", "c"]
-    assert store.known_shards(2) == ["a", "c"]
-    assert store.known_shards(1) == ["a", "b", "c"]
-    assert [store.next_attempt() for _ in range(3)] == [1, 2, 3]
-    assert Store(str(tmp_path)).next_attempt() == 4
+    assert RunMeta(store).read_run_meta() is None and RunMeta(store).known_shards() == []
+    RunMeta(store).write_run_meta("profile: lite\n", {"config_hash": "abc123", "version": "0.1.0"})
+    assert RunMeta(store).read_run_meta() == {"config_hash": "abc123", "version": "0.1.0"}
+    assert RunMeta(store).read_config_yaml() == "profile: lite\n"
+    RunMeta(store).record_shards(None, ["b", "a"])
+    RunMeta(store).record_shards(2, ["c", "a"])
+    assert RunMeta(store).known_shards() == ["a", "b", "c"]
+    assert RunMeta(store).known_shards(2) == ["a", "c"]
+    assert RunMeta(store).known_shards(1) == ["a", "b", "c"]
+    assert [RunMeta(store).next_attempt() for _ in range(3)] == [1, 2, 3]
+    assert RunMeta(Store(str(tmp_path))).next_attempt() == 4
     assert staging_files(tmp_path) == []
 
 
@@ -280,9 +283,10 @@ def test_status_two_levels(tmp_path):
     from grand_pipeline import schemas
 
     store = Store(str(tmp_path))
-    store.record_shards(None, ["s1", "s2", "s3"])
-    store.commit(1, S1, make_table("s1", n=4, errors={0: "tagger"}), {**STATS, "seconds": 1.0}, attempt=1)
-    store.commit(
+    RunMeta(store).record_shards(None, ["s1", "s2", "s3"])
+    commit(store, 1, S1, make_table("s1", n=4, errors={0: "tagger"}), {**STATS, "seconds": 1.0}, attempt=1)
+    commit(
+        store,
         1,
         unit_id("s2", 0),
         make_table("s2", n=6, errors={1: "depth", 2: "tagger"}),
@@ -292,8 +296,8 @@ def test_status_two_levels(tmp_path):
     # A second level with the same columns, declared just for this test.
     schemas._LEVEL_FIELDS[97] = schemas.LEVEL1_FIELDS
     try:
-        store.commit(97, S1, make_table("s1", n=2, level=97), {**STATS, "seconds": 0.0}, attempt=1)
-        status = store.status(levels=[5])
+        commit(store, 97, S1, make_table("s1", n=2, level=97), {**STATS, "seconds": 0.0}, attempt=1)
+        status = run_status(store, levels=[5])
     finally:
         schemas._LEVEL_FIELDS.pop(97)
     json.dumps(status)  # JSON-serialisable
@@ -319,12 +323,12 @@ def test_status_counts_units_and_shows_a_partial_shard(tmp_path):
     store = Store(str(tmp_path))
     shard = "sa_000000"
     index = ShardIndex(shard, 2, tuple(f"{shard}-{i}" for i in range(6)))  # 6 images in units of 2
-    store.record_shards(None, [shard, "sa_000001"])
-    store.write_index(index)
+    RunMeta(store).record_shards(None, [shard, "sa_000001"])
+    RunMeta(store).write_index(index)
     assert index.unit_ids() == [unit_id(shard, k) for k in range(3)]
     for k in (0, 1):
-        assert store.commit(1, unit_id(shard, k), make_table(shard, n=2), STATS, attempt=1)
-    status = store.status()
+        assert commit(store, 1, unit_id(shard, k), make_table(shard, n=2), STATS, attempt=1)
+    status = run_status(store)
     json.dumps(status)
     [one] = status["levels"]
     assert (one["units_committed"], one["units_total"]) == (2, 4)  # sa_000001: not indexed, one unit
@@ -332,44 +336,44 @@ def test_status_counts_units_and_shows_a_partial_shard(tmp_path):
     assert one["images_ok"] == 4
     assert status["matrix"] == {shard: {"1": "partial"}, "sa_000001": {"1": "missing"}}
 
-    store.commit(1, unit_id(shard, 2), make_table(shard, n=2), STATS, attempt=2)
-    store.commit(1, unit_id("sa_000001", 0), make_table("sa_000001", n=1), STATS, attempt=2)
-    status = store.status()
+    commit(store, 1, unit_id(shard, 2), make_table(shard, n=2), STATS, attempt=2)
+    commit(store, 1, unit_id("sa_000001", 0), make_table("sa_000001", n=1), STATS, attempt=2)
+    status = run_status(store)
     [one] = status["levels"]
     assert (one["units_committed"], one["units_total"]) == (4, 4)
     assert (one["shards_committed"], one["shards_total"]) == (2, 2)
     assert status["matrix"] == {shard: {"1": "committed"}, "sa_000001": {"1": "committed"}}
 
     store.clear(1, unit_id(shard, 0))
-    status = store.status()
+    status = run_status(store)
     assert (status["levels"][0]["units_committed"], status["levels"][0]["shards_committed"]) == (3, 1)
     assert status["matrix"][shard] == {"1": "partial"}
 
 
 def test_index_round_trip_and_record_units(tmp_path):
     store = Store(str(tmp_path))
-    assert store.read_index("sa_000000") is None  # before its first Level-1 run
-    assert store.unit_counts() == {}
+    assert RunMeta(store).read_index("sa_000000") is None  # before its first Level-1 run
+    assert RunMeta(store).unit_counts() == {}
     ids = tuple(f"sa_{i}" for i in range(1, 6))
     with_offsets = ShardIndex("sa_000000", 2, ids, (0, 1536, 3072, -1, 6144))
     without = ShardIndex("sa_000001", 500, ids[:1])
-    store.record_shards(None, ["sa_000000", "sa_000001"])
-    store.write_index(with_offsets)
-    store.write_index(without)
+    RunMeta(store).record_shards(None, ["sa_000000", "sa_000001"])
+    RunMeta(store).write_index(with_offsets)
+    RunMeta(store).write_index(without)
     assert (tmp_path / "_run" / "units" / "sa_000000.json").exists()
-    assert store.read_index("sa_000000") == with_offsets
-    assert store.read_index("sa_000001") == without
-    assert Store(str(tmp_path)).read_index("sa_000000") == with_offsets  # a fresh Store reads it back
+    assert RunMeta(store).read_index("sa_000000") == with_offsets
+    assert RunMeta(store).read_index("sa_000001") == without
+    assert RunMeta(Store(str(tmp_path))).read_index("sa_000000") == with_offsets  # a fresh Store reads it back
     assert (with_offsets.num_units, without.num_units) == (3, 1)
     # write_index records the unit counts that status reads; the shard lists are kept.
-    assert store.unit_counts() == {"sa_000000": 3, "sa_000001": 1}
-    assert store.known_shards() == ["sa_000000", "sa_000001"]
-    store.record_units("sa_000002", 7)
-    store.record_units("sa_000001", 2)
-    assert store.unit_counts() == {"sa_000000": 3, "sa_000001": 2, "sa_000002": 7}
-    assert store.known_shards() == ["sa_000000", "sa_000001"]
+    assert RunMeta(store).unit_counts() == {"sa_000000": 3, "sa_000001": 1}
+    assert RunMeta(store).known_shards() == ["sa_000000", "sa_000001"]
+    RunMeta(store).record_units("sa_000002", 7)
+    RunMeta(store).record_units("sa_000001", 2)
+    assert RunMeta(store).unit_counts() == {"sa_000000": 3, "sa_000001": 2, "sa_000002": 7}
+    assert RunMeta(store).known_shards() == ["sa_000000", "sa_000001"]
     ref = ShardRef("sa_000000", str(tmp_path / "sa_000000.tar"), "sa1b_tar")
-    units = list(store.read_index("sa_000000").units(ref))
+    units = list(RunMeta(store).read_index("sa_000000").units(ref))
     assert [u.unit_id for u in units] == [unit_id("sa_000000", k) for k in range(3)]
     # Unit 1 holds a -1 offset (no seek possible): it is read from the top.
     assert [(u.index, u.image_ids, u.start) for u in units] == [
@@ -381,16 +385,16 @@ def test_index_round_trip_and_record_units(tmp_path):
     # A stored index of another shard, or an unreadable one, is refused rather than used.
     (tmp_path / "_run" / "units" / "sa_000003.json").write_text(json.dumps(with_offsets.to_doc()))
     with pytest.raises(StoreError, match="sa_000003"):
-        store.read_index("sa_000003")
+        RunMeta(store).read_index("sa_000003")
     (tmp_path / "_run" / "units" / "sa_000004.json").write_text(
         json.dumps({"version": 1, "shard": "sa_000004"})
     )
     with pytest.raises(StoreError, match="sa_000004"):
-        store.read_index("sa_000004")
+        RunMeta(store).read_index("sa_000004")
     with pytest.raises(StoreError):
-        store.read_index("../x")
-    store.drop_index("sa_000000")
-    assert store.read_index("sa_000000") is None
+        RunMeta(store).read_index("../x")
+    RunMeta(store).drop_index("sa_000000")
+    assert RunMeta(store).read_index("sa_000000") is None
 
 
 def test_old_per_shard_layout_is_refused_in_one_line(tmp_path):
@@ -410,7 +414,7 @@ def test_old_per_shard_layout_is_refused_in_one_line(tmp_path):
             }
         )
     )
-    for call in (lambda: store.committed(1), lambda: store.committed(1, verify=True), store.status):
+    for call in (lambda: store.committed(1), lambda: store.committed(1, verify=True), lambda: run_status(store)):
         with pytest.raises(OldLayout) as err:
             call()
         message = str(err.value)
@@ -423,7 +427,7 @@ def test_iter_batches_streams_the_committed_rows_in_order(tmp_path):
     store = Store(str(tmp_path))
     n = 2 * ROW_GROUP_ROWS + 22
     table = make_table("s1", n=n, errors={5: "depth", n - 1: "tagger"})
-    assert store.commit(1, S1, table, STATS, attempt=1)
+    assert commit(store, 1, S1, table, STATS, attempt=1)
     # Row groups of ROW_GROUP_ROWS rows: later levels read a unit a group at a time.
     import pyarrow.parquet as pq
 
@@ -482,16 +486,16 @@ def test_output_location_checks_name_the_path(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     with pytest.raises(StoreError, match="is a file"):
-        Store(str(a_file)).check_writable()
+        check_writable(Store(str(a_file)))
     with pytest.raises(StoreError, match=f"is under the file {a_file}"):
-        Store(str(a_file / "out")).check_writable()
+        check_writable(Store(str(a_file / "out")))
     with pytest.raises(StoreError, match="/proc/grand-out is not writable"):
-        Store("/proc/grand-out").check_writable()
+        check_writable(Store("/proc/grand-out"))
     fresh = tmp_path / "new" / "out"
-    Store(str(fresh)).check_writable()
+    check_writable(Store(str(fresh)))
     assert fresh.is_dir() and list(fresh.iterdir()) == []  # the probe file is gone
     with pytest.raises(StoreError, match="does not exist"):
-        Store(str(tmp_path / "missing")).require_existing()
+        require_existing(Store(str(tmp_path / "missing")))
     with pytest.raises(StoreError, match="is a file, not an output folder"):
-        Store(str(a_file)).require_existing()
-    Store(str(fresh)).require_existing()
+        require_existing(Store(str(a_file)))
+    require_existing(Store(str(fresh)))

@@ -16,6 +16,7 @@ from skimage import data as skdata
 from torch.utils.data import DataLoader
 
 from grand_pipeline.models.hf_common import tiny_tokenizer
+from grand_pipeline.run_meta import RunMeta
 from grand_pipeline.sources import write_sa1b_tar
 from grand_pipeline.store import Store, StoreError
 from grand_pipeline.training.data.collate import IGNORE_LABEL, Collator
@@ -112,7 +113,7 @@ def run_output(tmp_path_factory) -> tuple[Path, Path]:
         ],
     )
     commit(out, 3, "sa_000001", [_row("sa_3", "sa_000001")])
-    Store(str(out)).write_run_meta("profile: lite\n", {"input": str(root / "in"), "config_hash": "abc"})
+    RunMeta(Store(str(out))).write_run_meta("profile: lite\n", {"input": str(root / "in"), "config_hash": "abc"})
     return out, root / "in"
 
 

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 from grand_pipeline.cli import app
 from grand_pipeline.export import SUMMARY_PATH, ExportOptions, export
 from grand_pipeline.geometry import rle
+from grand_pipeline.run_meta import RunMeta
 from grand_pipeline.sources import write_sa1b_tar
 from grand_pipeline.store import Store
 from grand_pipeline.training.data import images as images_module
@@ -83,7 +84,7 @@ def run_output(tmp_path: Path) -> Path:
     out = tmp_path / "out"
     commit(out, 4, "a", rows_of_shard_a())
     commit(out, 4, "b", rows_of_shard_b())
-    Store(str(out)).write_run_meta("profile: lite\n", {"input": str(source), "config_hash": "abc"})
+    RunMeta(Store(str(out))).write_run_meta("profile: lite\n", {"input": str(source), "config_hash": "abc"})
     return out
 
 

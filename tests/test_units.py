@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from grand_pipeline.commit import commit_staged, stage_writer
+from grand_pipeline.run_meta import RunMeta
 from grand_pipeline.sample import make_sample
 from grand_pipeline.sources import index_shard, iter_shard, iter_unit_items, list_shards, write_sa1b_tar
 from grand_pipeline.store import Store
@@ -102,12 +104,12 @@ def test_folder_shards_split_by_file_order(tmp_path) -> None:
 def test_stored_index_round_trips_and_rejects_garbage(tmp_path) -> None:
     store = Store(str(tmp_path))
     index = ShardIndex("s", 2, ("a", "b", "c"), (0, 1024, 2048))
-    store.write_index(index)
-    assert store.read_index("s") == index and store.unit_counts() == {"s": 2}
+    RunMeta(store).write_index(index)
+    assert RunMeta(store).read_index("s") == index and RunMeta(store).unit_counts() == {"s": 2}
     path = tmp_path / "_run" / "units" / "s.json"
     path.write_text(json.dumps({"version": 1, "shard": "other", "unit_images": 2, "image_ids": [], "offsets": None}))
     with pytest.raises(Exception, match="index of s"):
-        store.read_index("s")
+        RunMeta(store).read_index("s")
 
 
 # ---- the driver over a multi-unit shard ---------------------------------------------------------
@@ -184,13 +186,13 @@ def test_streamed_unit_is_byte_identical_to_the_table_written_at_once(tmp_path) 
     pq.write_table(table, reference, row_group_size=ROW_GROUP_ROWS, **PARQUET_OPTIONS)
 
     store = Store(str(tmp_path / "streamed"))
-    writer = store.stage_writer(1, "s@00000", attempt=1)
+    writer = stage_writer(store, 1, "s@00000", attempt=1)
     for start, size in ((0, 7), (7, 60), (67, 83)):  # micro-batch edges that are not row-group edges
         writer.write(table.slice(start, size))
     staged = writer.close()
     assert staged.counts == {"rows": 150, "ok": 147, "failed": 3,
                              "failures_by_stage": {"depth": 1, "detect": 1, "unknown": 1}}
-    assert store.commit_staged(staged, STATS, attempt=1)
+    assert commit_staged(store, staged, STATS, attempt=1)
     streamed = (tmp_path / "streamed" / "level1" / "s@00000.parquet").read_bytes()
     assert streamed == reference.getvalue().to_pybytes()
     assert store.marker(1, "s@00000")["parquet_bytes"] == len(streamed)

@@ -22,13 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from grand_pipeline.commit import clear_staging, commit, commit_staged
 from grand_pipeline.config import ConfigError, GrandConfig
 from grand_pipeline.engine.executors import EXECUTORS, Outcome
+from grand_pipeline.locations import check_no_file_in_the_way, check_separate, check_writable
 from grand_pipeline.models.hub import model_specs
 from grand_pipeline.models.weights import check_sources
+from grand_pipeline.run_meta import RunMeta
 from grand_pipeline.sources import index_shard, list_shards
 from grand_pipeline.sources.base import ShardRef
-from grand_pipeline.store import Store, StoreError, check_separate
+from grand_pipeline.store import Store, StoreError
 from grand_pipeline.unit_writer import StagedUnit
 from grand_pipeline.units import ShardIndex, UnitRef, split_unit_id
 
@@ -91,18 +94,21 @@ def code_version() -> str:
 
 class UnitPlanner:
     """Shards -> units. Stored indexes are used as they are (their unit size must match the
-    config); missing ones are computed ``lookahead`` shards ahead in threads, then stored."""
+    config); missing ones are computed ``LOOKAHEAD`` shards ahead in threads, then stored."""
 
-    def __init__(self, store: Store, unit_images: int, lookahead: int = 2) -> None:
+    #: Shards indexed ahead: enough to keep Level 1 fed, few enough not to read tars for nothing.
+    LOOKAHEAD = 2
+
+    def __init__(self, store: Store, unit_images: int) -> None:
         self.store = store
+        self.meta = RunMeta(store)
         self.unit_images = unit_images
-        self.lookahead = lookahead
         self.todo: deque[ShardRef] = deque()
         self._futures: dict[str, Future] = {}
         self._pool: ThreadPoolExecutor | None = None
 
     def stored(self, ref: ShardRef) -> ShardIndex | None:
-        index = self.store.read_index(ref.shard_id)
+        index = self.meta.read_index(ref.shard_id)
         if index is not None and index.unit_images != self.unit_images:
             raise StoreError(
                 f"shard {ref.shard_id} of {self.store.uri} is split into units of {index.unit_images} images; "
@@ -112,8 +118,8 @@ class UnitPlanner:
 
     def _start(self) -> None:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=max(1, self.lookahead), thread_name_prefix="grand-index")
-        for ref in list(self.todo)[: self.lookahead]:
+            self._pool = ThreadPoolExecutor(max_workers=self.LOOKAHEAD, thread_name_prefix="grand-index")
+        for ref in list(self.todo)[: self.LOOKAHEAD]:
             if ref.shard_id not in self._futures:
                 self._futures[ref.shard_id] = self._pool.submit(index_shard, ref)
 
@@ -124,7 +130,7 @@ class UnitPlanner:
         ids, offsets = self._futures.pop(ref.shard_id).result()
         self._start()
         index = ShardIndex(ref.shard_id, self.unit_images, tuple(ids), None if offsets is None else tuple(offsets))
-        self.store.write_index(index)
+        self.meta.write_index(index)
         logger.info("shard %s: %d images in %d unit(s)", ref.shard_id, len(ids), index.num_units)
         return ref, index
 
@@ -196,14 +202,14 @@ def _overwrite(store: Store, shards: list[ShardRef], levels: list[int], unit_ima
     for ref in shards:
         for lvl in levels:
             store.clear_shard(lvl, ref.shard_id)
-        old = store.read_index(ref.shard_id) if 1 in levels else None
+        old = RunMeta(store).read_index(ref.shard_id) if 1 in levels else None
         if old is not None:
             if old.unit_images != unit_images:
                 # A new split renames every unit: rows of later levels cut the old way would
                 # pass for the new units of the same ids. They go too.
                 for lvl in store.levels_present():
                     store.clear_shard(lvl, ref.shard_id)
-            store.drop_index(ref.shard_id)  # a new unit size takes effect from Level 1
+            RunMeta(store).drop_index(ref.shard_id)  # a new unit size takes effect from Level 1
 
 
 def run(
@@ -211,14 +217,17 @@ def run(
     request: RunRequest,
     executor: str | None = None,
     on_event: Callable[[Event], None] | None = None,
+    log_level: str = "WARNING",
 ) -> RunSummary:
+    """Run ``request``; ``log_level`` is the logging level of the executor's workers (Ray actors
+    configure their own logging)."""
     emit = on_event or (lambda event: None)
     started = time.perf_counter()
     # Everything a mistaken command can get wrong is checked before the first write: a refused
     # run leaves the output (and so `grand status`) exactly as it was.
     check_separate(request.input_uri, request.output_uri)
     store = Store(request.output_uri)
-    store.check_no_file_in_the_way()
+    check_no_file_in_the_way(store)
     shards = list_shards(request.input_uri, request.shards_glob)
     if request.limit is not None:
         shards = shards[: request.limit]
@@ -231,29 +240,30 @@ def run(
             emit({"type": "plan", "planned": dict(summary.planned), "skipped": dict(summary.skipped)})
             summary.seconds = time.perf_counter() - started
             return summary  # nothing runs, so nothing is recorded (not even the shard list)
-    store.check_writable()
+    check_writable(store)
     # Every configured model must be cached or fetchable before any actor starts: an offline
     # cluster fails here in seconds, naming the model, instead of in every actor's retry loop.
     check_sources([(key, spec) for key, _, spec in model_specs(cfg.models)])
 
     # Committed to the plan: from here on the run writes to OUT.
-    store.record_shards(None, [ref.shard_id for ref in shards])
+    meta = RunMeta(store)
+    meta.record_shards(None, [ref.shard_id for ref in shards])
     if request.mode == "overwrite":
         _overwrite(store, shards, request.levels, cfg.engine.unit_images)
         planner = UnitPlanner(store, cfg.engine.unit_images)
         ready, summary = plan(store, shards, request.levels, planner)
     for lvl in request.levels:
-        store.clear_staging(lvl)
+        clear_staging(store, lvl)
     emit({"type": "plan", "planned": dict(summary.planned), "skipped": dict(summary.skipped)})
     if not ready and not planner.todo:
         summary.seconds = time.perf_counter() - started
         return summary
 
-    attempt = store.next_attempt()
-    store.write_run_meta(cfg.to_yaml(), _run_info(cfg, request, attempt, {}))
+    attempt = meta.next_attempt()
+    meta.write_run_meta(cfg.to_yaml(), _run_info(cfg, request, attempt, {}))
     exec_name = executor or cfg.engine.executor
     # Actors stream each unit into a staging file of this attempt; the driver only publishes it.
-    backend = EXECUTORS.get(exec_name)(cfg, request.output_uri, attempt)
+    backend = EXECUTORS.get(exec_name)(cfg, request.output_uri, attempt, log_level)
     retries: dict[tuple[int, str], int] = {}
     models: dict[str, Any] = {}
     waiting: dict[int, int] = {lvl: 0 for lvl in request.levels}
@@ -276,7 +286,7 @@ def run(
     finally:
         planner.close()
         backend.shutdown()
-    store.write_run_meta(cfg.to_yaml(), _run_info(cfg, request, attempt, models))
+    meta.write_run_meta(cfg.to_yaml(), _run_info(cfg, request, attempt, models))
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -327,9 +337,9 @@ def _finish(cfg, store, outcome: Outcome, attempt, retries, summary, emit, model
         stats["attempt_retries"] = retries.get(key, 0)
         try:
             if isinstance(outcome.result, StagedUnit):
-                committed = store.commit_staged(outcome.result, stats, attempt)
+                committed = commit_staged(store, outcome.result, stats, attempt)
             else:
-                committed = store.commit(outcome.level, uid, outcome.result, stats, attempt)
+                committed = commit(store, outcome.level, uid, outcome.result, stats, attempt)
         except OSError as exc:
             # A failed upload (network, throttling, a full disk) costs one retry of the unit; the
             # staging it left is removed by the next run's clear_staging.

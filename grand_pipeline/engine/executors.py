@@ -39,12 +39,18 @@ class Outcome:
 
 
 class Executor:
+    """``attempt`` tags the staging files units are streamed into; ``log_level`` is the logging
+    level of worker processes (Ray actors), which do not share the driver's logging."""
+
     metrics: PipelineMetrics
 
-    def __init__(self, cfg: GrandConfig, output_uri: str, attempt: int | None = None) -> None:
+    def __init__(
+        self, cfg: GrandConfig, output_uri: str, attempt: int | None = None, log_level: str = "WARNING"
+    ) -> None:
         self.cfg = cfg
         self.output_uri = output_uri
         self.attempt = attempt
+        self.log_level = log_level
 
     def capacity(self, level: int) -> int:
         raise NotImplementedError
@@ -73,10 +79,10 @@ EXECUTORS: Registry[type[Executor]] = Registry("executor")
 class LocalExecutor(Executor):
     """Runs each unit synchronously in this process; for debugging and small jobs."""
 
-    def __init__(self, cfg: GrandConfig, output_uri: str, attempt: int | None = None) -> None:
-        self.cfg = cfg
-        self.output_uri = output_uri
-        self.attempt = attempt
+    def __init__(
+        self, cfg: GrandConfig, output_uri: str, attempt: int | None = None, log_level: str = "WARNING"
+    ) -> None:
+        super().__init__(cfg, output_uri, attempt, log_level)  # in-process: the driver's logging
         self.metrics = PipelineMetrics()
         self._runners: dict[int, LevelRunner] = {}
         self._done: deque[Outcome] = deque()
@@ -109,13 +115,9 @@ class LocalExecutor(Executor):
 class _LevelActor:
     """The body of a Ray actor: a LevelRunner whose models load once, in the constructor."""
 
-    def __init__(self, cfg: GrandConfig, level: int) -> None:
-        import logging as _logging
-        import os
-
-        # Actors inherit the driver's environment; `grand run -v` raises this to INFO.
-        log_level = os.environ.get("GRAND_LOG_LEVEL", "WARNING")
-        _logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    def __init__(self, cfg: GrandConfig, level: int, log_level: str) -> None:
+        # An actor is a fresh process: `grand run -v` reaches it as ``log_level`` (INFO).
+        logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
         self.runner = LevelRunner(cfg, level, PipelineMetrics(ray_enabled=True))
 
     def ready(self) -> bool:
@@ -131,9 +133,12 @@ class _LevelActor:
 class RayExecutor(Executor):
     """One actor pool per level with bounded in-flight units per actor (backpressure)."""
 
-    def __init__(self, cfg: GrandConfig, output_uri: str, attempt: int | None = None) -> None:
+    def __init__(
+        self, cfg: GrandConfig, output_uri: str, attempt: int | None = None, log_level: str = "WARNING"
+    ) -> None:
         import ray
 
+        super().__init__(cfg, output_uri, attempt, log_level)
         self.ray = ray
         if not ray.is_initialized():
             # Token authentication is Ray's default for local clusters; we never turn it off.
@@ -146,9 +151,6 @@ class RayExecutor(Executor):
             self._owns_ray = True
         else:
             self._owns_ray = False
-        self.cfg = cfg
-        self.output_uri = output_uri
-        self.attempt = attempt
         self.metrics = PipelineMetrics(ray_enabled=True)
         self._actor_cls = ray.remote(_LevelActor)
         self._actors: dict[int, list[Any]] = {}
@@ -169,7 +171,7 @@ class RayExecutor(Executor):
             options["accelerator_type"] = pool.accelerator_type
         if pool.runtime_env:
             options["runtime_env"] = dict(pool.runtime_env)
-        return self._actor_cls.options(**options).remote(self.cfg, level)
+        return self._actor_cls.options(**options).remote(self.cfg, level, self.log_level)
 
     def _pool(self, level: int) -> list[Any]:
         if level not in self._actors:
@@ -225,8 +227,8 @@ class RayExecutor(Executor):
     def _kill(self, actor: Any) -> None:
         try:
             self.ray.kill(actor)
-        except Exception:  # noqa: BLE001 - it is already dead
-            pass
+        except (self.ray.exceptions.RayError, ValueError) as exc:  # already dead, or not an actor handle
+            logger.debug("kill of a level actor failed: %s", exc)
 
     def _replace(self, level: int, index: int) -> None:
         self._kill(self._actors[level][index])

@@ -101,7 +101,7 @@ def parse_regions(annotations: list[dict[str, Any]], height: int, width: int) ->
     return regions
 
 
-def record_from_source(item: SourceImage, max_pixels: int, with_pixels: bool = True) -> ImageRecord:
+def record_from_source(item: SourceImage, max_pixels: int) -> ImageRecord:
     record = ImageRecord(
         image_id=item.image_id,
         shard_id=item.shard_id,
@@ -111,8 +111,6 @@ def record_from_source(item: SourceImage, max_pixels: int, with_pixels: bool = T
     )
     if item.error:
         record.fail("read", item.error)
-        return record
-    if not with_pixels:
         return record
     try:
         image = decode_image(item.data or b"", max_pixels)

@@ -2,7 +2,7 @@
 
 The runner is what a Ray actor (or the local executor) holds. ``run_unit`` streams a unit's
 images through micro-batches, in source order, plus stats for the commit marker. Given the run's
-attempt it streams the rows into the unit's staging Parquet (``Store.stage_writer``); otherwise it
+attempt it streams the rows into the unit's staging Parquet (``commit.stage_writer``); otherwise it
 returns the Arrow table (``grand retry-failed`` splices it). Publishing is the driver's job.
 
 Memory follows the micro-batch: Level 1 streams the unit's bytes from the tar; later levels read
@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from grand_pipeline.commit import stage_writer
 from grand_pipeline.config import GrandConfig
 from grand_pipeline.engine.inputs import micro_batches, record_from_source
 from grand_pipeline.engine.prefetch import prefetched
@@ -155,7 +156,7 @@ class LevelRunner:
         before = self.metrics.stage_seconds.copy()
         llm_before = self.metrics.llm_counts_for(self.level)
         parts: list[pa.Table] = []
-        writer = None if attempt is None else Store(output_uri).stage_writer(self.level, unit.unit_id, attempt)
+        writer = None if attempt is None else stage_writer(Store(output_uri), self.level, unit.unit_id, attempt)
         micro = self.cfg.pool(self.level).micro_batch
         first_error: str | None = None
         llm_stages = {stage.name for stage in self.stages if "llm" in stage.models}

@@ -13,6 +13,7 @@ from numpy.typing import ArrayLike
 __all__ = [
     "as_boxes",
     "box_area",
+    "box_contains",
     "box_iou",
     "clip_boxes",
     "nms",
@@ -85,6 +86,28 @@ def box_area(boxes: ArrayLike) -> np.ndarray:
     b = as_boxes(boxes)
     wh = np.clip(b[:, 2:] - b[:, :2], 0.0, None)
     return wh[:, 0] * wh[:, 1]
+
+
+def box_contains(outer: ArrayLike, inner: ArrayLike, tolerance: float = 1.0) -> np.ndarray:
+    """Whether each ``outer`` box contains its paired ``inner`` box, within ``tolerance`` pixels.
+
+    The tolerance forgives rounding: stored boxes are rounded to 2 decimals, and a box grounded
+    inside another may poke out by a fraction of a pixel.
+
+    Arguments:
+      outer, inner: (..., 4) float xyxy, broadcast against each other; (4,) for one pair.
+      tolerance: pixels ``inner`` may extend past ``outer`` on each side.
+
+    Returns:
+      (...) bool; a 0-d array for one pair (usable as a truth value).
+    """
+    o = np.asarray(outer, dtype=np.float64)
+    i = np.asarray(inner, dtype=np.float64)
+    if o.shape[-1:] != (4,) or i.shape[-1:] != (4,):
+        raise ValueError(f"boxes must have shape (..., 4), got {o.shape} and {i.shape}")
+    starts = (o[..., :2] <= i[..., :2] + tolerance).all(axis=-1)
+    ends = (o[..., 2:] >= i[..., 2:] - tolerance).all(axis=-1)
+    return np.asarray(starts & ends)
 
 
 def box_iou(boxes_a: ArrayLike, boxes_b: ArrayLike) -> np.ndarray:

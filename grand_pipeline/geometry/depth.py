@@ -14,6 +14,7 @@ one cell and per-cell sums are exact.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -26,6 +27,7 @@ __all__ = [
     "area_mean",
     "box_cell_areas",
     "cell_sums",
+    "depth_grid",
     "depth_layers",
     "grid_medians",
     "grid_size",
@@ -298,6 +300,25 @@ def grid_medians(grid_values: ArrayLike, weights: ArrayLike) -> np.ndarray:
         first = np.argmax(cum[has] >= 0.5 * total[has, None], axis=1)
         out[has] = flat[order][first]
     return out
+
+
+def depth_grid(value: dict[str, Any] | None) -> np.ndarray | None:
+    """The map of a stored low-resolution depth struct; None when the row has none.
+
+    Arguments:
+      value: ``{"height": h, "width": w, "values": [h * w floats, row-major]}`` (the
+        ``depth_lowres`` column), or None.
+
+    Returns:
+      (h, w) float32, NaN cells kept; None for None.
+    """
+    if value is None:
+        return None
+    height, width = int(value["height"]), int(value["width"])
+    values = np.asarray(value["values"], dtype=np.float32)
+    if height < 1 or width < 1 or values.size != height * width:
+        raise ValueError(f"depth_lowres of {height}x{width} cells holds {values.size} values")
+    return values.reshape(height, width)
 
 
 def lowres_depths(grid_values: ArrayLike, masks: ArrayLike, boxes: ArrayLike) -> np.ndarray:

@@ -2,10 +2,11 @@
 
 - ``load_folder``: resolve ``spec.model`` to a local Hugging Face folder (hub snapshot, S3 copy,
   local path or tiny random weights) with ``weights.resolve``.
-- ``shared``: one loaded model per process and weights folder, so that e.g. the BLIP-2 captioner
-  and the BLIP-2 region captioner of one actor hold a single copy on the GPU.
+- ``shared``: one loaded model per :class:`~grand_pipeline.models.hub.ModelHub` and weights
+  folder, so that e.g. the BLIP-2 captioner and the BLIP-2 region captioner of one actor hold a
+  single copy on the GPU; the copy goes with the hub.
 - ``load_pretrained`` / ``shared_pretrained``: a (model, processor) pair read from a local folder
-  only, and its one process-wide copy per device and dtype.
+  only, and the hub's one copy per device and dtype.
 - ``save_pretrained``: a (model, processor) pair written into one folder, as the tiny builders do.
 - ``tiny_tokenizer``: a small word-level tokenizer built offline with the ``tokenizers`` library,
   for the tiny random-initialised variants (no tokenizer download, no dependency on a hub file).
@@ -16,15 +17,17 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from grand_pipeline.models import weights
+
+if TYPE_CHECKING:
+    from grand_pipeline.models.hub import ModelHub
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +47,6 @@ TINY_WORDS = (
     "transportation airport station port harbor sports recreation sporting venue recreational "
     "area gym fitness center"
 ).split()
-
-_LOCK = threading.Lock()
-_SHARED: dict[tuple[str, str], Any] = {}
 
 
 @contextmanager
@@ -95,13 +95,10 @@ def load_folder(spec: Any, name: str, tiny_builder: Callable[[Path, int], None])
     return resolved
 
 
-def shared(kind: str, path: Path, factory: Callable[[], Any]) -> Any:
-    """The process-wide instance of ``kind`` loaded from ``path``; ``factory`` runs once per key."""
-    key = (kind, str(Path(path).resolve()))
-    with _LOCK:
-        if key not in _SHARED:
-            _SHARED[key] = factory()
-        return _SHARED[key]
+def shared(hub: ModelHub | None, kind: str, path: Path, factory: Callable[[], T]) -> T:
+    """``hub``'s shared instance of ``kind`` loaded from ``path`` (``factory`` runs once per hub
+    and key); a backend built without a hub gets its own instance."""
+    return factory() if hub is None else hub.shared(kind, path, factory)
 
 
 def load_pretrained(model_cls: Any, processor_cls: Any, path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -116,13 +113,14 @@ def load_pretrained(model_cls: Any, processor_cls: Any, path: Path, dtype: torch
 
 
 def shared_pretrained(
+    hub: ModelHub | None,
     kind: str,
     path: Path,
     device: torch.device,
     dtype: torch.dtype,
     load: Callable[[Path, torch.dtype], tuple[Any, Any]],
 ) -> tuple[Any, Any]:
-    """The process-wide (model on ``device``, processor) that ``load(path, dtype)`` reads.
+    """``hub``'s shared (model on ``device``, processor) that ``load(path, dtype)`` reads.
 
     The key is ``kind:device:dtype``: backends that name the same ``kind`` (the CLIP tagger and
     label assigner both say ``clip``) share one copy of the weights on the GPU.
@@ -132,7 +130,7 @@ def shared_pretrained(
         model, processor = load(path, dtype)
         return model.to(device), processor
 
-    return shared(f"{kind}:{device}:{dtype}", path, factory)
+    return shared(hub, f"{kind}:{device}:{dtype}", path, factory)
 
 
 def save_pretrained(folder: Path, model: Any, processor: Any) -> None:

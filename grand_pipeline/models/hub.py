@@ -1,4 +1,7 @@
-"""ModelHub: builds each configured backend once per process (once per Ray actor) and caches it.
+"""ModelHub: builds each configured backend once per process (once per Ray actor) and caches it,
+and holds the model instances its backends share (:meth:`ModelHub.shared`): one BLIP-2 for the
+captioner and the region captioner, one CLIP for the tagger and the label assigner. Everything a
+hub loaded goes when the hub goes (a released level's runner), nothing stays process-wide.
 
 ``validate_models`` is the load-time half: every configured backend name must be registered for
 its role and its options must build into the backend's options dataclass, so that a typo fails
@@ -10,14 +13,19 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 from grand_pipeline.config import ConfigError, GrandConfig, ModelsConfig, ModelSpec
 from grand_pipeline.models.roles import BACKENDS, Backend, build_options
 from grand_pipeline.models.weights import ModelSourceError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def import_backends(plugins: list[str] | tuple[str, ...] = ()) -> None:
@@ -64,6 +72,8 @@ class ModelHub:
         import_backends(plugins)
         self.models = models
         self._cache: dict[str, Backend] = {}
+        self._shared: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
 
     def spec(self, key: str) -> tuple[str, ModelSpec]:
         """``"tagger"`` or ``"detectors.nanodet"`` -> (role, spec)."""
@@ -86,6 +96,15 @@ class ModelHub:
             self._cache[key] = cls(spec, hub=self)
             logger.info("loaded %s (%s) in %.1fs", key, spec.backend, time.perf_counter() - start)
         return self._cache[key]
+
+    def shared(self, kind: str, path: Path, factory: Callable[[], T]) -> T:
+        """The instance of ``kind`` loaded from ``path`` that this hub's backends share;
+        ``factory`` runs once per (kind, resolved path)."""
+        key = (kind, str(Path(path).resolve()))
+        with self._lock:
+            if key not in self._shared:
+                self._shared[key] = factory()
+            return self._shared[key]
 
     def loaded(self) -> dict[str, dict[str, Any]]:
         return {key: backend.describe() for key, backend in sorted(self._cache.items())}

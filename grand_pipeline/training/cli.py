@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -106,10 +105,12 @@ def eval_gcg(
         _print_table(report)
 
 
-def _setup_logging(verbose: bool) -> None:
-    os.environ["GRAND_LOG_LEVEL"] = "INFO" if verbose else "WARNING"  # Ray workers inherit it
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _setup_logging(verbose: bool) -> str:
+    """Configure this process's logging; returns the level name, which ``train`` hands to its
+    Ray Train workers (they do not share this process's logging)."""
+    level = "INFO" if verbose else "WARNING"
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return level
 
 
 @app.command()
@@ -130,10 +131,10 @@ def train(
     from grand_pipeline.training.config import load_train_config
     from grand_pipeline.training.train.launch import open_launcher
 
-    _setup_logging(verbose)
+    log_level = _setup_logging(verbose)
     cfg = load_train_config(config, set_ or [], steps=steps, executor=executor, workers=workers)
     total = cfg.optim.total_steps
-    with open_launcher(cfg, output) as launcher:  # every check passed: the run can start
+    with open_launcher(cfg, output, log_level) as launcher:  # every check passed: the run can start
         start = launcher.preflight.start_step
         if start:
             typer.echo(f"resuming from step {start} of {total} ({launcher.preflight.checkpoint})", err=True)

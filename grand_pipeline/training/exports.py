@@ -55,6 +55,7 @@ from grand_pipeline.export import (
     safe_file_name,
     write_json_atomic,
 )
+from grand_pipeline.run_meta import RunMeta
 from grand_pipeline.training.data.convert import ConvertConfigError, ConvertOptions, convert_row
 from grand_pipeline.training.data.images import ImageSource, input_uri
 from grand_pipeline.training.data.rows import gcg_ground_truth, training_level
@@ -116,7 +117,7 @@ def export_glamm(job: ExportJob) -> dict[str, Any]:
         "samples": {task: written[task] for task in TASKS},
         "layout": {f"{task}.jsonl": f"{task} samples, one samples.to_json per line" for task in TASKS},
         "images": {
-            "input": (job.store.read_run_meta() or {}).get("input"),
+            "input": (RunMeta(job.store).read_run_meta() or {}).get("input"),
             "key": "image.shard_id, image.file_name",
         },
     }

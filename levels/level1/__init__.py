@@ -11,13 +11,13 @@ from typing import Any
 from grand_pipeline.stage import ImageRecord
 from levels.base import LEVELS, LevelSpec
 from levels.level1.attributes import AttributeStage
-from levels.level1.common import plain_rle, round_box, round_score
 from levels.level1.depth import DepthStage
 from levels.level1.detect import DetectStage
 from levels.level1.masks import MaskStage
 from levels.level1.nms import NmsStage
 from levels.level1.tags import TagStage
 from levels.level1.vote import VoteStage
+from levels.objects import object_row, round_box, round_score
 
 __all__ = [
     "LEVEL1",
@@ -33,22 +33,6 @@ __all__ = [
 ]
 
 STAGES = (TagStage, DetectStage, NmsStage, VoteStage, MaskStage, AttributeStage, DepthStage)
-
-
-def object_row(obj: dict[str, Any]) -> dict[str, Any]:
-    """One object dict as plain Arrow-ready values (numpy scalars and bytes converted)."""
-    return {
-        "id": int(obj["id"]),
-        "bbox": round_box(obj["bbox"]),
-        "labels": [str(v) for v in obj.get("labels") or []],
-        "label": None if obj.get("label") is None else str(obj["label"]),
-        "score": round_score(obj.get("score")),
-        "attributes": [str(v) for v in obj.get("attributes") or []],
-        "depth": round_score(obj.get("depth")),
-        "segmentation": plain_rle(obj.get("segmentation")),
-        "segmentation_source": obj.get("segmentation_source"),
-        "models": [str(v) for v in obj.get("models") or []],
-    }
 
 
 def to_row(record: ImageRecord) -> dict[str, Any]:

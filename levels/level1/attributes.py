@@ -18,11 +18,13 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
+from grand_pipeline.geometry.boxes import box_area
 from grand_pipeline.geometry.matching import unmatched
 from grand_pipeline.models.roles import Region, RegionCaptioner
 from grand_pipeline.schemas import FLOATING_ATTRIBUTE
 from grand_pipeline.stage import ImageRecord, Stage
-from levels.level1.common import (
+from levels.level1.object_masks import ObjectMasks, device_of
+from levels.objects import (
     all_objects,
     image_size,
     object_boxes,
@@ -30,7 +32,6 @@ from levels.level1.common import (
     round_box,
     round_score,
 )
-from levels.level1.object_masks import ObjectMasks, device_of
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,7 @@ def leftover_regions(
     if not regions:
         return []
     boxes = region_boxes(regions)
-    wh = np.clip(boxes[:, 2:] - boxes[:, :2], 0.0, None)
-    big = wh[:, 0] * wh[:, 1] >= min_area * height * width
+    big = box_area(boxes) >= min_area * height * width
     free = unmatched(object_boxes(objects), boxes, iou)
     return [region for region, keep in zip(regions, big & free, strict=True) if keep]
 
@@ -61,8 +61,7 @@ def largest_regions(regions: list[Region], limit: int) -> list[Region]:
     if len(regions) <= limit:
         return regions
     boxes = region_boxes(regions)
-    wh = np.clip(boxes[:, 2:] - boxes[:, :2], 0.0, None)
-    keep = np.sort(np.argsort(-(wh[:, 0] * wh[:, 1]), kind="stable")[: max(0, limit)])
+    keep = np.sort(np.argsort(-box_area(boxes), kind="stable")[: max(0, limit)])
     return [regions[int(i)] for i in keep]
 
 

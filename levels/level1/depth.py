@@ -22,8 +22,8 @@ from grand_pipeline.geometry.depth import area_mean, grid_size
 from grand_pipeline.models.roles import DepthEstimator
 from grand_pipeline.schemas import DEPTH_GRID
 from grand_pipeline.stage import ImageRecord, Stage
-from levels.level1.common import all_objects, backend_source, image_size, object_boxes, round_score
 from levels.level1.object_masks import ObjectMasks, device_of
+from levels.objects import all_objects, backend_source, image_size, object_boxes, round_score
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from grand_pipeline.geometry import boxed
 from grand_pipeline.geometry.matching import match_boxes
 from grand_pipeline.models.roles import Segmenter
 from grand_pipeline.stage import ImageRecord, Stage
-from levels.level1.common import all_objects, object_boxes, plain_rle, region_boxes
 from levels.level1.object_masks import ObjectMasks, device_of, segment_masks
+from levels.objects import all_objects, object_boxes, plain_rle, region_boxes
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import torch
 from grand_pipeline.geometry import boxed
 from grand_pipeline.geometry.boxed import BoxedMasks
 from grand_pipeline.stage import ImageRecord
-from levels.level1.common import image_size
+from levels.objects import image_size
 
 logger = logging.getLogger(__name__)
 

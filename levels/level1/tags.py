@@ -10,7 +10,7 @@ import pyarrow as pa
 from grand_pipeline.models.roles import Tag, Tagger
 from grand_pipeline.schemas import TAG
 from grand_pipeline.stage import ImageRecord, Stage
-from levels.level1.common import round_score
+from levels.objects import round_score
 
 logger = logging.getLogger(__name__)
 

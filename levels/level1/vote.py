@@ -20,8 +20,8 @@ from grand_pipeline.geometry.vote import VoteGroup, cross_model_vote, fuse_boxes
 from grand_pipeline.models.roles import Detections
 from grand_pipeline.schemas import OBJECT
 from grand_pipeline.stage import ImageRecord, Stage
-from levels.level1.common import OBJECT_KEYS, round_box, round_score
 from levels.level1.nms import PERSON
+from levels.objects import OBJECT_KEYS, new_object
 
 logger = logging.getLogger(__name__)
 
@@ -32,20 +32,6 @@ def member_order(cfg: Any, present: list[str]) -> list[str]:
     """Anchor priority: ``vote_order``, then the rest of the ensemble, then unknown members."""
     order = list(cfg.level1.vote_order) + list(cfg.models.detectors) + sorted(present)
     return list(dict.fromkeys(order))
-
-
-def new_object(box: Any, labels: list[str], label: str, score: float, models: list[str]) -> dict[str, Any]:
-    """An object dict with every ``schemas.OBJECT`` key; later stages fill the empty ones."""
-    obj: dict[str, Any] = {key: None for key in OBJECT_KEYS}
-    obj.update(
-        bbox=round_box(box),
-        labels=labels,
-        label=label,
-        score=round_score(score),
-        attributes=[],
-        models=models,
-    )
-    return obj
 
 
 def sort_key(obj: dict[str, Any]) -> tuple:

@@ -12,13 +12,13 @@ from typing import Any
 
 from grand_pipeline.stage import ImageRecord
 from levels.base import LEVELS, LevelSpec
-from levels.level1 import object_row
 from levels.level2.captions import CaptionStage
 from levels.level2.grounding import GroundingStage
 from levels.level2.labels import LabelStage
 from levels.level2.landmark import LandmarkStage
 from levels.level2.masks import ObjectMaskStage
 from levels.level2.phrases import PhraseStage
+from levels.objects import object_row
 
 __all__ = [
     "LEVEL2",

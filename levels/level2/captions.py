@@ -16,7 +16,8 @@ import pyarrow as pa
 from grand_pipeline.models.roles import Captioner
 from grand_pipeline.schemas import LEVEL2_FIELDS
 from grand_pipeline.stage import ImageRecord, Stage
-from levels.level2.common import object_labels, tag_names
+from levels.level2.common import tag_names
+from levels.objects import object_labels
 
 logger = logging.getLogger(__name__)
 

@@ -35,9 +35,15 @@ from grand_pipeline.geometry.boxes import box_iou, clip_boxes
 from grand_pipeline.models.roles import Grounder, Grounding
 from grand_pipeline.schemas import LEVEL2_FIELDS, OBJECT
 from grand_pipeline.stage import ImageRecord, Stage
-from levels.level1.common import image_size, object_boxes
-from levels.level1.vote import new_object
-from levels.level2.common import copy_objects, distinct, next_free_id, renumber
+from levels.objects import (
+    copy_objects,
+    distinct,
+    image_size,
+    new_object,
+    next_free_id,
+    object_boxes,
+    renumber,
+)
 
 logger = logging.getLogger(__name__)
 

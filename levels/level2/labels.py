@@ -17,8 +17,8 @@ import pyarrow as pa
 from grand_pipeline.models.roles import LabelAssigner
 from grand_pipeline.schemas import OBJECT
 from grand_pipeline.stage import ImageRecord, Stage
-from levels.level1.common import object_boxes
-from levels.level2.common import copy_objects, distinct, label_context
+from levels.level2.common import label_context
+from levels.objects import copy_objects, distinct, object_boxes
 
 logger = logging.getLogger(__name__)
 

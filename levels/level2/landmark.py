@@ -17,8 +17,8 @@ from grand_pipeline.models.roles import LandmarkClassifier
 from grand_pipeline.schemas import LEVEL2_FIELDS
 from grand_pipeline.stage import ImageRecord, Stage
 from grand_pipeline.taxonomy import fine_categories
-from levels.level1.common import round_score
 from levels.level2.common import scene_text
+from levels.objects import round_score
 
 logger = logging.getLogger(__name__)
 

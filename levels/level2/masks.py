@@ -23,24 +23,13 @@ import pyarrow as pa
 
 from grand_pipeline.geometry import rle
 from grand_pipeline.geometry.boxes import as_boxes
-from grand_pipeline.geometry.depth import lowres_depths
+from grand_pipeline.geometry.depth import depth_grid, lowres_depths
 from grand_pipeline.models.roles import Segmenter
 from grand_pipeline.schemas import OBJECT
 from grand_pipeline.stage import ImageRecord, Stage
-from levels.level2.common import copy_objects
+from levels.objects import copy_objects
 
 logger = logging.getLogger(__name__)
-
-
-def depth_grid(value: dict[str, Any] | None) -> np.ndarray | None:
-    """The (h, w) float32 array of a ``depth_lowres`` struct; None when the row has none."""
-    if value is None:
-        return None
-    height, width = int(value["height"]), int(value["width"])
-    values = np.asarray(value["values"], dtype=np.float32)
-    if height < 1 or width < 1 or values.size != height * width:
-        raise ValueError(f"depth_lowres of {height}x{width} cells holds {values.size} values")
-    return values.reshape(height, width)
 
 
 def object_depths(grid: np.ndarray | None, masks: np.ndarray, boxes: np.ndarray) -> list[float | None]:

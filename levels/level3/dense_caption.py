@@ -12,27 +12,17 @@ stage naming the generation error; one whose model answered, however badly, keep
 
 from __future__ import annotations
 
-import logging
 from typing import Any, ClassVar
 
 import pyarrow as pa
 
 from grand_pipeline.models.roles import LLM, ChatPrompt, Generation
 from grand_pipeline.schemas import LEVEL3_FIELDS
-from grand_pipeline.stage import ImageRecord, Stage
+from grand_pipeline.stage import ImageRecord
 from levels.level3.checks import caption_issues, object_issues, parse_checklist
-from levels.verify import (
-    Issue,
-    fail_unanswered,
-    format_issues,
-    llm_generate,
-    report_attempts,
-    run_verified,
-    stamp_prompts,
-)
-from prompts.base import get_prompt, join_answer
-
-logger = logging.getLogger(__name__)
+from levels.verified_stage import VerifiedLLMStage
+from levels.verify import GenerateFn, Issue, Outcome
+from prompts.base import PromptTemplate, get_prompt, join_answer
 
 DENSE_CAPTION: pa.DataType = next(f.type for f in LEVEL3_FIELDS if f.name == "dense_caption")
 
@@ -42,7 +32,7 @@ def skipped_caption() -> dict[str, Any]:
     return {"caption": "", "details": [], "verified": False, "attempts": []}
 
 
-class DenseCaptionStage(Stage):
+class DenseCaptionStage(VerifiedLLMStage):
     """Provides ``dense_caption`` {caption, details (filled by grounding), verified, attempts}."""
 
     name: ClassVar[str] = "dense_caption"
@@ -52,7 +42,9 @@ class DenseCaptionStage(Stage):
         "scene_lead": "the caption opener, 'A <label>' (in memory)",
     }
     provides: ClassVar[dict[str, pa.DataType | None]] = {"dense_caption": DENSE_CAPTION}
-    models: ClassVar[tuple[str, ...]] = ("llm",)
+    output: ClassVar[str] = "dense_caption"
+    section: ClassVar[str] = "level3"
+    nothing_to_say: ClassVar[str] = "empty scene graph, no dense caption"
 
     def __init__(self, cfg: Any, hub: Any) -> None:
         super().__init__(cfg, hub)
@@ -61,28 +53,24 @@ class DenseCaptionStage(Stage):
         self.regenerate = get_prompt("dense_caption_regenerate" + suffix)
         self.checklist = get_prompt("dense_caption_verify")
 
-    def process(self, records: list[ImageRecord]) -> None:
-        cfg = self.cfg.level3
-        llm = self.backend("llm", LLM)
+    def prompt_fields(self, record: ImageRecord) -> dict[str, Any] | None:
         # An empty graph (no depth-bearing object, no caption, no landmark) gives the LLM nothing
         # to describe: the row keeps an empty, unverified caption instead of an invention.
-        todo: list[ImageRecord] = []
-        for record in records:
-            if (record.fields["scene_graph"] or "").strip():
-                todo.append(record)
-            else:
-                record.fields["dense_caption"] = skipped_caption()
-                logger.info("%s: empty scene graph, no dense caption", record.image_id)
+        if not (record.fields["scene_graph"] or "").strip():
+            return None
+        return {"scene_graph": record.fields["scene_graph"], "lead": record.fields.get("scene_lead", "")}
 
-        def prompt(i: int, issues: list[str] | None) -> ChatPrompt:
-            fields = {"scene_graph": todo[i].fields["scene_graph"], "lead": todo[i].fields.get("scene_lead", "")}
-            if issues is None:
-                return self.first.render(max_new_tokens=cfg.max_new_tokens, **fields)
-            return self.regenerate.render(
-                max_new_tokens=cfg.max_new_tokens, issues=format_issues(issues), **fields
-            )
+    def empty_value(self) -> dict[str, Any]:
+        return skipped_caption()
 
-        generate = llm_generate(llm, cfg.temperature, cfg.first_temperature)
+    def value(self, outcome: Outcome) -> dict[str, Any]:
+        return {"caption": outcome.text, "details": [], "verified": outcome.verified, "attempts": outcome.attempts}
+
+    def helper_prompts(self) -> list[PromptTemplate]:
+        return [self.checklist]
+
+    def generator(self, llm: LLM) -> GenerateFn:
+        generate = super().generator(llm)
 
         def generate_whole(prompts: list[ChatPrompt], attempt: int) -> list[Generation]:
             """Answers with their opener put back in front: the model wrote only the rest."""
@@ -93,29 +81,16 @@ class DenseCaptionStage(Stage):
                     gen.text = join_answer(opener, gen.text)
             return gens
 
-        def verify(items: list[int], gens: list[Generation]) -> list[list[Issue]]:
-            checklists = self.list_objects(llm, [g.text.strip() for g in gens])
-            found = []
-            for i, gen, (entries, failure) in zip(items, gens, checklists, strict=True):
-                issues = caption_issues(gen.text.strip())
-                issues += [failure] if failure else object_issues(entries, todo[i].fields["scene_objects"])
-                found.append(issues)
-            return found
+        return generate_whole
 
-        outcomes = run_verified(
-            len(todo), prompt, generate_whole, verify, cfg.max_attempts
-        )
-        for record, outcome in zip(todo, outcomes, strict=True):
-            record.fields["dense_caption"] = {
-                "caption": outcome.text,
-                "details": [],
-                "verified": outcome.verified,
-                "attempts": outcome.attempts,
-            }
-            used = [self.first, self.checklist] + ([self.regenerate] if outcome.regenerated else [])
-            stamp_prompts(record, used)
-            report_attempts(record, self.name, outcome)
-            fail_unanswered(record, self.name, outcome)
+    def check(self, records: list[ImageRecord], answers: list[Generation]) -> list[list[Issue]]:
+        checklists = self.list_objects(self.backend("llm", LLM), [g.text.strip() for g in answers])
+        found = []
+        for record, gen, (entries, failure) in zip(records, answers, checklists, strict=True):
+            issues = caption_issues(gen.text.strip())
+            issues += [failure] if failure else object_issues(entries, record.fields["scene_objects"])
+            found.append(issues)
+        return found
 
     def list_objects(self, llm: LLM, captions: list[str]) -> list[tuple[list[str], Issue | None]]:
         """(checklist entries, why there is none) per caption, from one batched, greedy LLM call."""

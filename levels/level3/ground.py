@@ -1,7 +1,7 @@
 """GroundCaptionsStage: ground the dense caption and every short caption to object ids.
 
 Runs after the dense caption is written (and verified). The grounding itself is
-:mod:`levels.grounding`; this stage only gathers each image's captions, extracts their noun
+:mod:`levels.caption_grounding`; this stage only gathers each image's captions, extracts their noun
 chunks in one batched call per micro-batch, and stores the details.
 """
 
@@ -15,7 +15,7 @@ import pyarrow as pa
 from grand_pipeline.models.roles import PhraseExtractor, TextEmbedder
 from grand_pipeline.schemas import LEVEL3_FIELDS
 from grand_pipeline.stage import ImageRecord, Stage
-from levels.grounding import CaptionGrounder
+from levels.caption_grounding import CaptionGrounder
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@ normalised per image (0 = nearest), cut into layers, and objects close to each o
 layer are grouped. The grouping radius is a fraction of the image diagonal, not the reference's
 200 px, so that the same photo groups the same way at any resolution.
 
-The rendering helpers are shared with Level 4, which shows a flat list of the same entries.
+The entry and landmark renderers (:mod:`levels.scene_text`) are shared with Level 4, which shows
+a flat list of the same entries.
 """
 
 from __future__ import annotations
@@ -26,65 +27,12 @@ from grand_pipeline.geometry.depth import (
     proximity_groups,
 )
 from grand_pipeline.stage import ImageRecord, Stage
+from levels.scene_text import landmark_line, landmark_names, object_entry, select_objects, shown_label
 
 logger = logging.getLogger(__name__)
 
 Layout = list[tuple[str, list[list[dict[str, Any]]]]]
 """(layer name, groups of object dicts) per non-empty layer, nearest layer first."""
-
-
-def select_objects(fields: dict[str, Any], max_objects: int, need_depth: bool) -> list[dict[str, Any]]:
-    """The objects a graph shows: objects or else floating objects, attributed first, capped.
-
-    Objects without depth are dropped before the cap (when ``need_depth``) so that the cap counts
-    only objects that can be shown.
-    """
-    pool = list(fields.get("objects") or []) or list(fields.get("floating_objects") or [])
-    if need_depth:
-        pool = [obj for obj in pool if obj.get("depth") is not None]
-    attributed = [obj for obj in pool if obj.get("attributes")]
-    plain = [obj for obj in pool if not obj.get("attributes")]
-    return (attributed + plain)[:max_objects]
-
-
-def object_label(obj: dict[str, Any]) -> str:
-    """The object's assigned label, else its first candidate label; underscores read as spaces."""
-    labels = obj.get("labels") or []
-    label = obj.get("label") or (labels[0] if labels else "object")
-    return str(label).replace("_", " ").strip()
-
-
-def object_entry(obj: dict[str, Any]) -> str:
-    """``label/attribute`` (the first attribute), or the label alone when it adds nothing."""
-    label = object_label(obj)
-    attributes = [str(a).strip() for a in obj.get("attributes") or [] if str(a).strip()]
-    if attributes and attributes[0].lower() != label.lower():
-        return f"{label}/{attributes[0]}"
-    return label
-
-
-def landmark_line(landmark: dict[str, Any] | None) -> str:
-    """``Landmark: <category>, <fine category>``; empty when unknown.
-
-    The trailing " scene" of the taxonomy's category names is dropped: Level 4 answers must not
-    say "scene", and the word invites talk about the input in Level 3 captions.
-    """
-    if not landmark or not landmark.get("category"):
-        return ""
-    category = str(landmark["category"]).removesuffix(" scene").strip()
-    fine = str(landmark.get("fine_category") or "").strip()
-    return f"Landmark: {category}, {fine}" if fine else f"Landmark: {category}"
-
-
-def landmark_names(landmark: dict[str, Any] | None) -> list[str]:
-    """The landmark words a caption may legitimately use ("road", "airport")."""
-    if not landmark:
-        return []
-    names = [
-        str(landmark.get("category") or "").removesuffix(" scene"),
-        str(landmark.get("fine_category") or ""),
-    ]
-    return [n.lower() for n in names if n.strip()]
 
 
 def layout(
@@ -119,7 +67,7 @@ def image_extent(record: ImageRecord, objects: list[dict[str, Any]]) -> tuple[in
 
 def object_names(obj: dict[str, Any]) -> list[str]:
     """What the graph says an object is called: its label, candidate labels and attributes."""
-    names = [object_label(obj)] + [str(v).replace("_", " ") for v in obj.get("labels") or []]
+    names = [shown_label(obj)] + [str(v).replace("_", " ") for v in obj.get("labels") or []]
     return names + [str(v) for v in obj.get("attributes") or []]
 
 
@@ -172,7 +120,7 @@ def relationship_lines(fields: dict[str, Any], group_of: dict[int, int], names: 
                 continue
             names.extend(object_names(obj))
             group = group_of.get(int(oid))
-            targets.append(f"{object_label(obj)} (group {group})" if group else object_label(obj))
+            targets.append(f"{shown_label(obj)} (group {group})" if group else shown_label(obj))
         lines.append(f"- {phrase} -> {', '.join(targets)}" if targets else f"- {phrase}")
     return lines
 
@@ -185,9 +133,9 @@ def lead_phrase(objects: list[dict[str, Any]], person_labels: list[str]) -> str:
     people = {p.lower() for p in person_labels}
     best = max(
         objects,
-        key=lambda o: (object_label(o).lower() in people, float(o.get("score") or 0.0), -int(o["id"])),
+        key=lambda o: (shown_label(o).lower() in people, float(o.get("score") or 0.0), -int(o["id"])),
     )
-    label = object_label(best)
+    label = shown_label(best)
     return f"{'An' if label[:1].lower() in 'aeiou' else 'A'} {label}"
 
 

@@ -11,34 +11,20 @@ An image whose every answer failed to generate becomes an error row of this stag
 
 from __future__ import annotations
 
-import logging
 import re
 from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from grand_pipeline.models.roles import LLM, ChatPrompt, Generation, TextEmbedder
+from grand_pipeline.models.roles import Generation, TextEmbedder
 from grand_pipeline.schemas import LEVEL4_FIELDS
-from grand_pipeline.stage import ImageRecord, Stage
-from levels.level3.scene_graph import landmark_line, object_entry, select_objects
+from grand_pipeline.stage import ImageRecord
 from levels.level4.relevance import relevance_issues, scene_terms
+from levels.scene_text import landmark_line, object_entry, select_objects
 from levels.text import repetition_issues
-from levels.verify import (
-    Issue,
-    compile_patterns,
-    ending_issues,
-    fail_unanswered,
-    format_issues,
-    llm_generate,
-    report_attempts,
-    run_verified,
-    sentence_issues,
-    stamp_prompts,
-    wording_issues,
-)
+from levels.verified_stage import VerifiedLLMStage
+from levels.verify import Issue, Outcome, compile_patterns, ending_issues, sentence_issues, wording_issues
 from prompts.base import get_prompt
-
-logger = logging.getLogger(__name__)
 
 ADDITIONAL_CONTEXT: pa.DataType = next(f.type for f in LEVEL4_FIELDS if f.name == "additional_context")
 
@@ -81,7 +67,7 @@ def context_issues(text: str, min_sentences: int, max_sentences: int) -> list[Is
     )
 
 
-class AdditionalContextStage(Stage):
+class AdditionalContextStage(VerifiedLLMStage):
     """Provides ``additional_context`` {text, verified, attempts}."""
 
     name: ClassVar[str] = "additional_context"
@@ -95,56 +81,41 @@ class AdditionalContextStage(Stage):
     models: ClassVar[tuple[str, ...]] = ("llm", "text_embedder")
     # Synonyms only widen the relevance check: without an embedder it is lemma-only (and says so).
     optional_models: ClassVar[tuple[str, ...]] = ("text_embedder",)
+    output: ClassVar[str] = "additional_context"
+    section: ClassVar[str] = "level4"
+    nothing_to_say: ClassVar[str] = "no objects and no landmark, no additional context"
 
     def __init__(self, cfg: Any, hub: Any) -> None:
         super().__init__(cfg, hub)
         self.first = get_prompt("additional_context")
         self.regenerate = get_prompt("additional_context_regenerate")
 
-    def process(self, records: list[ImageRecord]) -> None:
-        cfg = self.cfg.level4
-        llm = self.backend("llm", LLM)
-        embedder = self.backend("text_embedder", TextEmbedder) if "text_embedder" in self.backends else None
-        todo: list[tuple[ImageRecord, str]] = []
-        for record in records:
-            graph = simple_graph(record.fields, cfg.max_objects)
-            if graph:
-                todo.append((record, graph))
-            else:
-                # Nothing to build on: an empty, unverified answer rather than an invented one.
-                record.fields["additional_context"] = {"text": "", "verified": False, "attempts": []}
-                logger.info("%s: no objects and no landmark, no additional context", record.image_id)
+    def embedder(self) -> TextEmbedder | None:
+        return self.backend("text_embedder", TextEmbedder) if "text_embedder" in self.backends else None
 
-        def prompt(i: int, issues: list[str] | None) -> ChatPrompt:
-            graph = todo[i][1]
-            if issues is None:
-                return self.first.render(max_new_tokens=cfg.max_new_tokens, scene_graph=graph)
-            return self.regenerate.render(
-                max_new_tokens=cfg.max_new_tokens, scene_graph=graph, issues=format_issues(issues)
-            )
+    def prompt_fields(self, record: ImageRecord) -> dict[str, Any] | None:
+        # Nothing to build on: an empty, unverified answer rather than an invented one.
+        graph = simple_graph(record.fields, self.settings.max_objects)
+        return {"scene_graph": graph} if graph else None
 
-        def verify(items: list[int], gens: list[Generation]) -> list[list[Issue]]:
-            texts = [g.text.strip() for g in gens]
-            terms = [scene_terms(todo[i][0].fields) for i in items]
-            relevance = relevance_issues(texts, terms, embedder, cfg.relevance_similarity)
-            return [
-                context_issues(text, cfg.min_sentences, cfg.max_sentences) + more
-                for text, more in zip(texts, relevance, strict=True)
-            ]
+    def empty_value(self) -> dict[str, Any]:
+        return {"text": "", "verified": False, "attempts": []}
 
-        outcomes = run_verified(
-            len(todo), prompt, llm_generate(llm, cfg.temperature, cfg.first_temperature), verify, cfg.max_attempts
-        )
-        for (record, _), outcome in zip(todo, outcomes, strict=True):
-            record.fields["additional_context"] = {
-                "text": outcome.text,
-                "verified": outcome.verified,
-                "attempts": outcome.attempts,
-            }
-            stamp_prompts(record, [self.first] + ([self.regenerate] if outcome.regenerated else []))
-            report_attempts(record, self.name, outcome)
-            if embedder is None and outcome.attempts:
-                lemma_only = {"stage": self.name, **LEMMA_ONLY}
-                if lemma_only not in record.backends:  # once, even when a failed batch is rerun
-                    record.backends.append(lemma_only)
-            fail_unanswered(record, self.name, outcome)
+    def value(self, outcome: Outcome) -> dict[str, Any]:
+        return {"text": outcome.text, "verified": outcome.verified, "attempts": outcome.attempts}
+
+    def check(self, records: list[ImageRecord], answers: list[Generation]) -> list[list[Issue]]:
+        cfg = self.settings
+        texts = [g.text.strip() for g in answers]
+        terms = [scene_terms(record.fields) for record in records]
+        relevance = relevance_issues(texts, terms, self.embedder(), cfg.relevance_similarity)
+        return [
+            context_issues(text, cfg.min_sentences, cfg.max_sentences) + more
+            for text, more in zip(texts, relevance, strict=True)
+        ]
+
+    def annotate(self, record: ImageRecord, outcome: Outcome) -> None:
+        if self.embedder() is None and outcome.attempts:
+            lemma_only = {"stage": self.name, **LEMMA_ONLY}
+            if lemma_only not in record.backends:  # once, even when a failed batch is rerun
+                record.backends.append(lemma_only)

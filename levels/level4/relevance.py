@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from grand_pipeline.models.roles import TextEmbedder
-from levels.level3.scene_graph import landmark_names
+from levels.scene_text import landmark_names
 from levels.text import content_tokens, mentioned_names
 from levels.verify import Issue
 

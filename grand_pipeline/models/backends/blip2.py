@@ -5,7 +5,7 @@ Hugging Face folder (``hf:Salesforce/blip2-opt-2.7b@<rev>``, an S3 copy, or a lo
 loaded with ``from_pretrained(local_files_only=True)``: a missing file fails at start-up, never
 turns into a download inside an actor.
 
-The model is loaded once per process and weights folder (``hf_common.shared``), so the
+The model is loaded once per model hub and weights folder (``hf_common.shared``), so the
 ``blip2_region`` region captioner of the same actor reuses it instead of loading a second copy.
 
 ``tiny:<seed>`` saves a random BLIP-2 (ViT 32 px, 2-layer Q-Former with 4 queries, 2-layer
@@ -99,8 +99,8 @@ class Blip2Model:
         return out
 
 
-def load_blip2(spec: Any, name: str) -> Blip2Model:
-    """The process-wide BLIP-2 of ``spec.model`` (one copy per weights folder)."""
+def load_blip2(spec: Any, name: str, hub: Any) -> Blip2Model:
+    """``hub``'s shared BLIP-2 of ``spec.model`` (one copy per weights folder)."""
     resolved = hf_common.load_folder(spec, name="blip2", tiny_builder=build_tiny)
     device = hf_common.device_of(spec)
     dtype = hf_common.torch_dtype(spec, device)
@@ -116,7 +116,7 @@ def load_blip2(spec: Any, name: str) -> Blip2Model:
         logger.info("%s: BLIP-2 loaded from %s on %s (%s)", name, resolved.path, device, dtype)
         return Blip2Model(model.eval().to(device), processor, device, dtype, resolved.sha256, resolved.source)
 
-    return hf_common.shared(f"blip2:{device}:{dtype}", resolved.path, factory)
+    return hf_common.shared(hub, f"blip2:{device}:{dtype}", resolved.path, factory)
 
 
 def model_name(loaded: Blip2Model, spec: Any) -> str:
@@ -146,7 +146,7 @@ class Blip2Captioner(Captioner):
         self.prompt = self.opts.prompt
         self.max_new_tokens = self.opts.max_new_tokens
         self.batch_size = max(1, int(getattr(spec, "batch_size", 8)))
-        self.blip2 = load_blip2(spec, "blip2")
+        self.blip2 = load_blip2(spec, "blip2", hub)
         self.weights_id = self.blip2.weights_id
         self.model_id = model_name(self.blip2, spec)
 

@@ -6,7 +6,7 @@ mug from a bucket); when the object's mask is given and not empty, pixels outsid
 grey, so the caption is about the object rather than whatever shares its box. The crops are cut
 on the model's device (``vision_common.region_crops``), from the masks Level 1 keeps there.
 
-The BLIP-2 is loaded by ``blip2.load_blip2``, which keeps one copy per process and weights
+The BLIP-2 is loaded by ``blip2.load_blip2``, which keeps one copy per model hub and weights
 folder: with the captioner configured on the same weights, the actor holds BLIP-2 once.
 """
 
@@ -65,7 +65,7 @@ class Blip2RegionCaptioner(RegionCaptioner):
         self.max_new_tokens = self.opts.max_new_tokens
         self.pad = self.opts.pad
         self.batch_size = max(1, int(getattr(spec, "batch_size", 16)))
-        self.blip2 = load_blip2(spec, "blip2_region")
+        self.blip2 = load_blip2(spec, "blip2_region", hub)
         self.weights_id = self.blip2.weights_id
         self.model_id = model_name(self.blip2, spec)
 

@@ -5,11 +5,10 @@ object crop with CLIP (EVA-CLIP there) against one prompt per candidate; the bes
 This is that, with any CLIP-family checkpoint in Hugging Face layout (``CLIPModel``; e.g.
 ``hf:openai/clip-vit-large-patch14@<rev>``).
 
-``ClipScorer`` is the shared part: one per process and weights folder (``hf_common.shared``), so
+``ClipScorer`` is the shared part: one per model hub and weights folder (``hf_common.shared``), so
 ``clip_landmark`` on the same weights reuses it. The network itself is loaded with
-``clip_tagger.load_clip`` under the tagger's sharing key, so a process that also runs the
-``clip_tagger`` on the same weights (the local executor; an actor holding both levels) keeps a
-single CLIP. Text features are cached (labels and landmark prompts repeat across images). Crops
+``clip_tagger.load_clip`` under the tagger's sharing key, so a hub that also builds the
+``clip_tagger`` on the same weights keeps a single CLIP. Text features are cached (labels and landmark prompts repeat across images). Crops
 are cut on CLIP's device and its (torchvision-backed) image processor resizes them there.
 
 ``tiny:<seed>`` saves a random CLIP (ViT 32 px / patch 8, 2-layer text tower, 16-d projection)
@@ -77,7 +76,7 @@ def _as_array(image: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 class ClipScorer:
-    """Unit-norm CLIP image and text embeddings, float32 numpy; one instance per process and folder."""
+    """Unit-norm CLIP image and text embeddings, float32 numpy; one instance per hub and folder."""
 
     def __init__(self, model: Any, processor: Any, device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
         self.model, self.tokenizer, self.image_processor = model, processor.tokenizer, processor.image_processor
@@ -128,8 +127,8 @@ class ClipScorer:
         return np.stack([self._text_cache[t] for t in texts]) if texts else np.zeros((0, dim), np.float32)
 
 
-def load_clip(spec: Any, name: str) -> tuple[ClipScorer, str, str]:
-    """(shared scorer, weights id, model id) for ``spec.model``."""
+def load_clip(spec: Any, name: str, hub: Any) -> tuple[ClipScorer, str, str]:
+    """(``hub``'s shared scorer, weights id, model id) for ``spec.model``."""
     # One tiny name for both roles, so that tiny:<seed> is also one folder and one shared model.
     resolved = hf_common.load_folder(spec, name="clip", tiny_builder=build_tiny)
     device = hf_common.device_of(spec)
@@ -140,9 +139,9 @@ def load_clip(spec: Any, name: str) -> tuple[ClipScorer, str, str]:
         model, processor = load_clip_folder(resolved.path, dtype)  # from_pretrained(local_files_only)
         return model.to(device), processor
 
-    model, processor = hf_common.shared(f"clip:{device}:{dtype}", resolved.path, load_model)
+    model, processor = hf_common.shared(hub, f"clip:{device}:{dtype}", resolved.path, load_model)
     scorer = hf_common.shared(
-        f"clip-scorer:{device}:{dtype}", resolved.path,
+        hub, f"clip-scorer:{device}:{dtype}", resolved.path,
         lambda: ClipScorer(model, processor, device, dtype, batch_size),
     )  # fmt: skip
     logger.info("%s: CLIP from %s on %s (%s)", name, resolved.path, device, dtype)
@@ -172,7 +171,7 @@ class ClipLabelAssigner(LabelAssigner):
         super().__init__(spec, hub)
         self.template = self.opts.template
         self.pad = self.opts.pad
-        self.clip, self.weights_id, self.model_id = load_clip(spec, "clip_labels")
+        self.clip, self.weights_id, self.model_id = load_clip(spec, "clip_labels", hub)
 
     def assign(
         self, image: np.ndarray | None, boxes: np.ndarray, candidates: list[list[str]], context: str

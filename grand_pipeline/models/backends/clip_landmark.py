@@ -4,7 +4,7 @@ The whole image is scored against one prompt per fine category ("a photo of a tr
 a transportation scene"); the primary category follows from the taxonomy. ``score`` is CLIP's
 softmax probability of the winner, with CLIP's own learned logit scale.
 
-The CLIP is ``clip_labels.ClipScorer``, shared per process and weights folder, so the label
+The CLIP is ``clip_labels.ClipScorer``, shared per model hub and weights folder, so the label
 assigner and this classifier on the same weights load CLIP once. An image given as ``None``
 (the stage had no pixels) is classified from its text through CLIP's text tower instead.
 """
@@ -40,7 +40,7 @@ class ClipLandmarkClassifier(LandmarkClassifier):
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
         template = self.opts.template
-        self.clip, self.weights_id, self.model_id = load_clip(spec, "clip_landmark")
+        self.clip, self.weights_id, self.model_id = load_clip(spec, "clip_landmark", hub)
         self.classes = fine_categories()
         prompts = [template.format(fine=fine.lower(), category=cat.lower()) for cat, fine in self.classes]
         self.class_embeddings = self.clip.texts(prompts)  # (14, D), once per backend

@@ -111,7 +111,7 @@ class ClipTagger(Tagger):
         self.device, self.dtype = runtime(spec)
         # Kind "clip", as clip_labels says: the tagger and the label assigner share one CLIP.
         self.model, self.processor = shared_pretrained(
-            "clip", resolved.path, self.device, self.dtype, load_clip
+            self.hub, "clip", resolved.path, self.device, self.dtype, load_clip
         )
         self.sigmoid = self.model.config.model_type in SIGMOID_TYPES
         self.batch_size = max(1, int(getattr(spec, "batch_size", 8)))

@@ -1,6 +1,6 @@
 """GroundingDINO (transformers ``GroundingDinoForObjectDetection``) as a detector and as a grounder.
 
-Both roles share one loaded model per process and weights folder (``hf_common.shared``), so a
+Both roles share one loaded model per hub and weights folder (``hf_common.shared``), so a
 profile that uses it for detection and for phrase grounding holds one copy on the GPU.
 
 Text prompt: names or phrases joined as "a . b . c ." (GroundingDINO's training format; the
@@ -108,11 +108,11 @@ def load_grounding_dino(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
 class GroundingDinoModel:
     """The loaded model plus prompt building and per-query scoring, shared by both roles."""
 
-    def __init__(self, spec: Any, owner: str, box_threshold: float) -> None:
+    def __init__(self, spec: Any, hub: Any, owner: str, box_threshold: float) -> None:
         resolved = load_folder(spec, "grounding_dino", build_tiny)
         self.device, self.dtype = runtime(spec)
         self.model, self.processor = shared_pretrained(
-            "grounding_dino", resolved.path, self.device, self.dtype, load_grounding_dino
+            hub, "grounding_dino", resolved.path, self.device, self.dtype, load_grounding_dino
         )
         self.box_threshold = box_threshold
         self.max_len = int(self.model.config.max_text_len)
@@ -193,7 +193,7 @@ class GroundingDinoDetector(Detector):
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
         opts: GroundingDinoDetectorOptions = self.opts
-        self.net = GroundingDinoModel(spec, "grounding_dino detector", opts.box_threshold)
+        self.net = GroundingDinoModel(spec, hub, "grounding_dino detector", opts.box_threshold)
         self.max_queries = opts.max_queries
         self.max_detections = opts.max_detections
         self.batch_size = max(1, int(getattr(spec, "batch_size", 8)))
@@ -242,7 +242,7 @@ class GroundingDinoGrounder(Grounder):
 
     def __init__(self, spec: Any, hub: Any = None) -> None:
         super().__init__(spec, hub)
-        self.net = GroundingDinoModel(spec, "grounding_dino grounder", self.opts.box_threshold)
+        self.net = GroundingDinoModel(spec, hub, "grounding_dino grounder", self.opts.box_threshold)
         self.max_phrases = self.opts.max_phrases
         self.model_id, self.weights_id = self.net.model_id, self.net.sha256
 

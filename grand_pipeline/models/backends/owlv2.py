@@ -93,7 +93,7 @@ class OWLv2Detector(Detector):
         resolved = load_folder(spec, "owlv2", build_tiny)
         self.device, self.dtype = runtime(spec)
         self.model, self.processor = shared_pretrained(
-            "owlv2", resolved.path, self.device, self.dtype, load_owlv2
+            self.hub, "owlv2", resolved.path, self.device, self.dtype, load_owlv2
         )
         self.score_threshold = opts.score_threshold
         self.max_queries = opts.max_queries

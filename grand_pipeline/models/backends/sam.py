@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from grand_pipeline.geometry import boxed
 from grand_pipeline.geometry.boxed import BoxedMasks
 from grand_pipeline.models import weights
+from grand_pipeline.models.mask_logits import boxed_from_logits, dense_with_scores
 from grand_pipeline.models.roles import Segmenter, register_backend
 from grand_pipeline.models.vision_common import check_images, runtime, seeded_build, to_device
 
@@ -39,7 +39,6 @@ PATCH = 16
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 TINY_FILE = "sam_tiny.pth"
-STABILITY_OFFSET = 1.0  # SAM's stability score: IoU of the masks at logit > +1 and > -1
 
 
 @dataclass(frozen=True)
@@ -221,22 +220,13 @@ class SamSegmenter(Segmenter):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Masks bool (N, H, W), predicted IoU float32 (N,), stability score float32 (N,)."""
         (image,) = check_images([image], "sam")
-        height, width = image.shape[:2]
         b = np.asarray(boxes, np.float32).reshape(-1, 4)
-        n = len(b)
-        masks = np.zeros((n, height, width), bool)
-        iou_pred = np.zeros(n, np.float32)
-        stability = np.zeros(n, np.float32)
-        if n == 0:
-            return masks, iou_pred, stability
         with torch.inference_mode():
-            for i, logits, iou in self._masks(image, b):
-                masks[i] = (logits > self.mask_threshold).cpu().numpy()
-                inter = (logits > self.mask_threshold + STABILITY_OFFSET).sum().float()
-                union = (logits > self.mask_threshold - STABILITY_OFFSET).sum().float()
-                stability[i] = float(inter / union.clamp(min=1))
-                iou_pred[i] = float(iou)
-        return masks, iou_pred, stability
+            pieces = self._masks(image, b) if len(b) else ()
+            # SAM's stability score centres on its mask threshold.
+            return dense_with_scores(
+                pieces, len(b), image.shape[:2], self.mask_threshold, self.mask_threshold
+            )
 
     def segment(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """Box prompts (N, 4) xyxy -> bool (N, H, W) masks; one image embedding per call."""
@@ -250,9 +240,6 @@ class SamSegmenter(Segmenter):
         """
         (image,) = check_images([image], "sam")
         b = np.asarray(boxes, np.float32).reshape(-1, 4)
-        parts = []
-        if len(b):
-            with torch.inference_mode():
-                masks = self._masks(image, b)
-                parts = [boxed.from_dense((logits > self.mask_threshold)[None]) for _, logits, _ in masks]
-        return BoxedMasks.concat(parts, image.shape[:2], self.device)
+        with torch.inference_mode():
+            pieces = self._masks(image, b) if len(b) else ()
+            return boxed_from_logits(pieces, image.shape[:2], self.mask_threshold, self.device)

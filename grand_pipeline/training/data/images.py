@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from grand_pipeline.run_meta import RunMeta
 from grand_pipeline.sources import ShardRef, iter_shard, list_shards
 from grand_pipeline.sources.base import ImageDecodeError, decode_image
 from grand_pipeline.store import Store, StoreError
@@ -35,7 +36,7 @@ def input_uri(store: Store, override: str | None = None) -> str:
     """``override`` if given, else the run's recorded input; a user error if neither exists."""
     if override:
         return override
-    meta = store.read_run_meta() or {}
+    meta = RunMeta(store).read_run_meta() or {}
     if not meta.get("input"):
         raise StoreError(
             f"{store.uri} has no _run/run.json naming its input: pass the images' location (--images)"

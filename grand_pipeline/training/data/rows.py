@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from grand_pipeline.run_meta import RunMeta
 from grand_pipeline.store import Store, StoreError
 from grand_pipeline.training.data.convert import ConvertOptions, convert_row
 from grand_pipeline.training.data.samples import GCGSample
@@ -44,7 +45,7 @@ def unit_start(store: Store, unit: str) -> int:
     """Byte offset in its source tar where ``unit``'s images start (0 without a stored index), so
     reading a unit's pixels does not read the units before it."""
     shard, k = split_unit_id(unit)
-    index = store.read_index(shard)
+    index = RunMeta(store).read_index(shard)
     return index.start_of(k) if index is not None else 0
 
 

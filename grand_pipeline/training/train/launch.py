@@ -13,7 +13,6 @@ same code under either launcher, and so do Ray Train's worker-group restarts (``
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,10 +67,11 @@ def preflight(cfg: TrainConfig, output: str) -> Preflight:
 
 class Launcher:
     """Checks everything in the constructor (:func:`preflight`, then the launcher's own), so a
-    caller can show progress only once the run can start; :meth:`run` trains."""
+    caller can show progress only once the run can start; :meth:`run` trains. ``log_level`` is
+    the logging level of worker processes (Ray Train's), which do not share the caller's logging."""
 
-    def __init__(self, cfg: TrainConfig, output: str) -> None:
-        self.cfg, self.output = cfg, output
+    def __init__(self, cfg: TrainConfig, output: str, log_level: str = "WARNING") -> None:
+        self.cfg, self.output, self.log_level = cfg, output, log_level
         self.preflight = preflight(cfg, output)
 
     def run(self, on_step: OnStep | None = None) -> TrainResult:
@@ -97,9 +97,9 @@ class Launcher:
 LAUNCHERS: Registry[type[Launcher]] = Registry("executor")
 
 
-def open_launcher(cfg: TrainConfig, output: str) -> Launcher:
+def open_launcher(cfg: TrainConfig, output: str, log_level: str = "WARNING") -> Launcher:
     """The checked launcher of ``cfg.launch.executor`` (use it as a context manager)."""
-    return LAUNCHERS.get(cfg.launch.executor)(cfg, output)
+    return LAUNCHERS.get(cfg.launch.executor)(cfg, output, log_level)
 
 
 def launch(cfg: TrainConfig, output: str, on_step: OnStep | None = None) -> TrainResult:
@@ -112,8 +112,8 @@ def launch(cfg: TrainConfig, output: str, on_step: OnStep | None = None) -> Trai
 class LocalLauncher(Launcher):
     """In-process, world size 1, on CPU or the first GPU."""
 
-    def __init__(self, cfg: TrainConfig, output: str) -> None:
-        super().__init__(cfg, output)
+    def __init__(self, cfg: TrainConfig, output: str, log_level: str = "WARNING") -> None:
+        super().__init__(cfg, output, log_level)
         if cfg.launch.use_gpu and not torch.cuda.is_available():
             raise ConfigError("launch.use_gpu: no CUDA device in this process")
         self.device = torch.device("cuda", 0) if cfg.launch.use_gpu else torch.device("cpu")
@@ -147,8 +147,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    logging.basicConfig(level=os.environ.get("GRAND_LOG_LEVEL", "WARNING"),
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=config["log_level"], format="%(levelname)s %(name)s: %(message)s")
     context = ray.train.get_context()
     ctx = WorkerContext(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(),
                         context.get_local_rank())
@@ -194,10 +193,10 @@ def _follow(output: str, start: int, on_step: OnStep, stop: threading.Event) -> 
 class RayLauncher(Launcher):
     """Ray Train's ``TorchTrainer`` with ``launch.workers`` workers (gloo on CPU, NCCL on GPUs)."""
 
-    def __init__(self, cfg: TrainConfig, output: str) -> None:
+    def __init__(self, cfg: TrainConfig, output: str, log_level: str = "WARNING") -> None:
         import ray
 
-        super().__init__(cfg, output)
+        super().__init__(cfg, output, log_level)
         self.owns = not ray.is_initialized()
         if self.owns:  # token authentication is Ray's default for local clusters; it stays on
             ray.init(address=cfg.launch.ray_address, include_dashboard=False, logging_level=logging.WARNING)
@@ -221,7 +220,7 @@ class RayLauncher(Launcher):
         path, filesystem = _storage(self.output)
         return TorchTrainer(
             _ray_worker,
-            train_loop_config={"cfg": cfg, "output": self.output},
+            train_loop_config={"cfg": cfg, "output": self.output, "log_level": self.log_level},
             torch_config=TorchConfig(backend="nccl" if cfg.launch.use_gpu else "gloo"),
             scaling_config=ScalingConfig(
                 num_workers=cfg.launch.workers,

@@ -20,7 +20,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from grand_pipeline.store import publish, put_atomic, remove_quietly
+from grand_pipeline.publish import publish, put_atomic, remove_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Location:
             return []
 
     def _publish(self, src: str, dst: str) -> None:
-        """Make ``src`` visible as ``dst`` (the store's :func:`~grand_pipeline.store.publish`)."""
+        """Make ``src`` visible as ``dst`` (:func:`~grand_pipeline.publish.publish`)."""
         self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
         publish(self.fs, src, dst)
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from grand_pipeline.geometry.boxes import box_contains
 from grand_pipeline.models.roles import Phrase, PhraseExtractor, TextEmbedder
 
 logger = logging.getLogger(__name__)
@@ -78,16 +79,6 @@ def relationship_list(relationships: Any) -> list[Mapping[str, Any]]:
     if isinstance(relationships, Mapping):
         return list(relationships.get("grounding") or [])
     return list(relationships)
-
-
-def box_contains(outer: Sequence[float], inner: Sequence[float], tolerance: float = 1.0) -> bool:
-    """xyxy ``outer`` contains ``inner`` (within ``tolerance`` pixels: boxes are rounded)."""
-    return (
-        outer[0] <= inner[0] + tolerance
-        and outer[1] <= inner[1] + tolerance
-        and outer[2] >= inner[2] - tolerance
-        and outer[3] >= inner[3] - tolerance
-    )
 
 
 def label_matches(word: str, label: str) -> bool:
