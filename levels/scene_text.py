@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from levels.objects import object_label
+
 
 def select_objects(fields: dict[str, Any], max_objects: int, need_depth: bool) -> list[dict[str, Any]]:
     """The objects a graph shows: objects or else floating objects, attributed first, capped.
@@ -26,9 +28,7 @@ def select_objects(fields: dict[str, Any], max_objects: int, need_depth: bool) -
 
 def shown_label(obj: dict[str, Any]) -> str:
     """The object's assigned label, else its first candidate label; underscores read as spaces."""
-    labels = obj.get("labels") or []
-    label = obj.get("label") or (labels[0] if labels else "object")
-    return str(label).replace("_", " ").strip()
+    return (object_label(obj) or "object").replace("_", " ").strip()
 
 
 def object_entry(obj: dict[str, Any]) -> str:

@@ -199,17 +199,18 @@ def _require_previous_level(store: Store, shards: list[ShardRef], levels: list[i
 
 def _overwrite(store: Store, shards: list[ShardRef], levels: list[int], unit_images: int) -> None:
     """``--mode overwrite``: uncommit the requested levels of the selected shards."""
+    meta = RunMeta(store)
     for ref in shards:
         for lvl in levels:
             store.clear_shard(lvl, ref.shard_id)
-        old = RunMeta(store).read_index(ref.shard_id) if 1 in levels else None
+        old = meta.read_index(ref.shard_id) if 1 in levels else None
         if old is not None:
             if old.unit_images != unit_images:
                 # A new split renames every unit: rows of later levels cut the old way would
                 # pass for the new units of the same ids. They go too.
                 for lvl in store.levels_present():
                     store.clear_shard(lvl, ref.shard_id)
-            RunMeta(store).drop_index(ref.shard_id)  # a new unit size takes effect from Level 1
+            meta.drop_index(ref.shard_id)  # a new unit size takes effect from Level 1
 
 
 def run(

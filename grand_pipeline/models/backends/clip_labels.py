@@ -8,8 +8,9 @@ This is that, with any CLIP-family checkpoint in Hugging Face layout (``CLIPMode
 ``ClipScorer`` is the shared part: one per model hub and weights folder (``hf_common.shared``), so
 ``clip_landmark`` on the same weights reuses it. The network itself is loaded with
 ``clip_tagger.load_clip`` under the tagger's sharing key, so a hub that also builds the
-``clip_tagger`` on the same weights keeps a single CLIP. Text features are cached (labels and landmark prompts repeat across images). Crops
-are cut on CLIP's device and its (torchvision-backed) image processor resizes them there.
+``clip_tagger`` on the same weights keeps a single CLIP. Text features are cached (labels and
+landmark prompts repeat across images). Crops are cut on CLIP's device and its
+(torchvision-backed) image processor resizes them there.
 
 ``tiny:<seed>`` saves a random CLIP (ViT 32 px / patch 8, 2-layer text tower, 16-d projection)
 with an offline word-level tokenizer and a 32 px ``CLIPImageProcessor``.
